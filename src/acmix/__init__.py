@@ -1,0 +1,15 @@
+"""acmix: ACmix (Pan et al., CVPR 2022) as a fast, tested PyTorch library.
+
+Quick start::
+
+    import torch, acmix
+    layer = acmix.ACmix(64, 64, kernel_att=7, head=4, kernel_conv=3)
+    y = layer(torch.randn(2, 64, 56, 56))  # (2, 64, 56, 56)
+"""
+
+from acmix import layers
+from acmix.layers import ACmix, ACmixConv2d, WindowACmix
+
+__version__ = "0.1.0"
+
+__all__ = ["ACmix", "ACmixConv2d", "WindowACmix", "__version__", "layers"]

@@ -1,0 +1,377 @@
+"""ACmix modules: thin owners of parameters over :mod:`acmix.layers.functional`.
+
+* :class:`ACmixBase` owns what every ACmix variant shares: the convolution
+  path (``fc`` + shift-aggregation ``dep_conv``) and the mix weights
+  ``rate1`` (alpha, attention) and ``rate2`` (beta, convolution).
+* :class:`ACmix` is the spatial (NCHW) layer of the authors' ResNets:
+  three 1x1 projections, local window attention with a positional encoding,
+  and the convolution path on the same projections.
+* :class:`ACmixConv2d` is the same layer behind an ``nn.Conv2d``-like
+  signature, to drop into any network in place of a k x k convolution.
+
+Parameter names follow the authors' code (``conv1/conv2/conv3`` = q/k/v,
+``conv_p``, ``fc``, ``dep_conv``, ``rate1``, ``rate2``), so their state dicts
+load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from acmix.layers.attention import ATTN_WEIGHTS, BACKENDS, local_attention
+from acmix.layers.checks import (
+    check_channels,
+    check_choice,
+    check_float_tensor,
+    check_heads,
+    check_odd_kernel,
+    check_padding_mode,
+    check_positive_int,
+    resolve_padding,
+)
+from acmix.layers.functional import SHIFT_MODES, acmix_mix, conv_path, position_grid, shift_kernel
+
+INITS: tuple[str, ...] = ("paper", "official")
+
+__all__ = ["INITS", "ACmix", "ACmixBase", "ACmixConv2d"]
+
+
+class ACmixBase(nn.Module):
+    """The parts shared by every ACmix layer: convolution path and alpha/beta mix.
+
+    Subclasses compute ``q, k, v`` and the attention path; they call
+    :meth:`forward_conv_path` on the head features and :meth:`mix` at the end.
+
+    Args:
+        head: number of heads ``N``.
+        head_dim: head dimension ``d``.
+        out_planes: output channels (a multiple of ``d``).
+        kernel_conv: odd kernel ``k_c`` of the convolution path.
+        stride: output stride of the convolution path.
+        shift_mode: ``"learnable"`` (grouped conv initialised at the shift, the
+            authors' default), ``"fixed"`` (grouped conv with frozen one-hot
+            kernels) or ``"tensor"`` (explicit shifts, no kernels).
+        fc_bias: whether ``fc`` has a bias (the authors' ResNet layer: no;
+            their Swin layer: yes).
+    """
+
+    def __init__(
+        self,
+        head: int,
+        head_dim: int,
+        out_planes: int,
+        kernel_conv: int,
+        stride: int,
+        shift_mode: str,
+        fc_bias: bool,
+    ) -> None:
+        super().__init__()
+        self.head = head
+        self.head_dim = head_dim
+        self.out_planes = out_planes
+        self.kernel_conv = check_odd_kernel("kernel_conv", kernel_conv)
+        self.stride = check_positive_int("stride", stride)
+        self.shift_mode = check_choice("shift_mode", shift_mode, SHIFT_MODES)
+        K2 = kernel_conv * kernel_conv
+        # fc: 3N head groups -> K2 maps (a 1x1 conv, as the authors store it).
+        self.fc = nn.Conv2d(3 * head, K2, kernel_size=1, bias=fc_bias)
+        if shift_mode == "learnable":
+            self.dep_conv = nn.Conv2d(
+                K2 * head_dim,
+                out_planes,
+                kernel_size=kernel_conv,
+                stride=stride,
+                padding=kernel_conv // 2,
+                groups=head_dim,
+                bias=False,
+            )
+        else:
+            self.dep_conv = None
+            if shift_mode == "fixed":
+                self.register_buffer(
+                    "shift_weight", shift_kernel(out_planes, kernel_conv), persistent=False
+                )
+        self.rate1 = nn.Parameter(torch.empty(1))
+        self.rate2 = nn.Parameter(torch.empty(1))
+
+    def reset_conv_path(self) -> None:
+        """Paper init: alpha = beta = 0.5 and the grouped conv at the pure shift."""
+        nn.init.constant_(self.rate1, 0.5)
+        nn.init.constant_(self.rate2, 0.5)
+        if self.dep_conv is not None:
+            with torch.no_grad():
+                self.dep_conv.weight.copy_(shift_kernel(self.out_planes, self.kernel_conv))
+
+    def _shift_weight(self) -> torch.Tensor | None:
+        if self.dep_conv is not None:
+            return self.dep_conv.weight
+        return getattr(self, "shift_weight", None)
+
+    def forward_conv_path(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Convolution path on head features.
+
+        Args:
+            qkv: ``(B, 3N, d, H, W)`` (group ``which * N + head``; any strides).
+
+        Returns:
+            ``(B, out_planes, ceil(H / stride), ceil(W / stride))``.
+        """
+        return conv_path(
+            qkv,
+            self.fc.weight,
+            self.fc.bias,
+            self._shift_weight(),
+            self.kernel_conv,
+            self.out_planes,
+            self.stride,
+            self.shift_mode,
+        )
+
+    def mix(self, att: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+        """``rate1 * att + rate2 * conv``."""
+        return acmix_mix(att, conv, self.rate1, self.rate2)
+
+
+class ACmix(ACmixBase):
+    """Spatial ACmix (NCHW), the layer of the authors' ResNets.
+
+    ``q, k, v`` come from one fused 1x1 projection (stage I, computed once);
+    the attention path runs ``head`` heads of local attention over a
+    ``kernel_att x kernel_att`` window, the convolution path mixes the ``3N``
+    head features into ``kernel_conv**2`` maps and shift-aggregates them with
+    a grouped convolution; the output is ``rate1 * att + rate2 * conv``.
+
+    Args:
+        in_planes: input channels ``C_in``.
+        out_planes: output channels ``C_out`` (divisible by ``head``).
+        kernel_att: odd attention window size.
+        head: number of heads ``N``; head dimension ``d = out_planes / head``.
+        kernel_conv: odd convolution-path kernel size (padding ``kernel_conv // 2``).
+        stride: output stride; the output is ``ceil(H / stride) x ceil(W / stride)``.
+        dilation: only 1 is supported (the authors' code accepts it but
+            cannot run with any other value).
+        shift_mode: ``"learnable"`` (default), ``"fixed"`` or ``"tensor"``,
+            see :class:`ACmixBase`.
+        attn_weight: ``"dot"`` (default) or ``"mlp"`` (Sec. 4.5: an MLP on
+            ``[q, k]``, hidden width ``mlp_hidden``).
+        padding_mode: border semantics of the attention window: ``"reflect"``
+            (the authors', default), ``"zeros"`` (out-of-image keys masked out
+            of the softmax) or ``"auto"`` (reflect where the map is large
+            enough, masked on maps of at most ``kernel_att // 2`` pixels).
+        init: ``"paper"`` (default; alpha = beta = 0.5, grouped conv at the
+            shift, so the conv path starts as a true convolution) or
+            ``"official"`` (what the authors' ResNet ends up with: its global
+            Kaiming-normal fan-out init overwrites every conv of the layer,
+            the shift kernels included).
+        backend: attention backend, ``"auto"``, ``"shift"`` or ``"reference"``
+            (see :func:`acmix.layers.local_attention`).
+        mlp_hidden: hidden width of the MLP weighting (default ``d``).
+
+    Shape:
+        input ``(B, in_planes, H, W)`` -> output
+        ``(B, out_planes, ceil(H / stride), ceil(W / stride))``.
+
+    Example:
+        >>> layer = ACmix(64, 64, kernel_att=7, head=4, kernel_conv=3)
+        >>> layer(torch.randn(2, 64, 56, 56)).shape
+        torch.Size([2, 64, 56, 56])
+    """
+
+    def __init__(
+        self,
+        in_planes: int,
+        out_planes: int,
+        kernel_att: int = 7,
+        head: int = 4,
+        kernel_conv: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        *,
+        shift_mode: str = "learnable",
+        attn_weight: str = "dot",
+        padding_mode: str = "reflect",
+        init: str = "paper",
+        backend: str = "auto",
+        mlp_hidden: int | None = None,
+    ) -> None:
+        check_positive_int("in_planes", in_planes)
+        head_dim = check_heads(out_planes, head)
+        check_odd_kernel("kernel_att", kernel_att)
+        check_positive_int("dilation", dilation)
+        if dilation != 1:
+            raise ValueError(
+                f"dilation={dilation} is not supported; ACmix windows are dense (dilation=1). "
+                "The argument exists for compatibility with the authors' signature only."
+            )
+        super().__init__(head, head_dim, out_planes, kernel_conv, stride, shift_mode, False)
+        self.in_planes = in_planes
+        self.kernel_att = kernel_att
+        self.dilation = dilation
+        self.attn_weight = check_choice("attn_weight", attn_weight, ATTN_WEIGHTS)
+        self.padding_mode = check_padding_mode(padding_mode)
+        self.init_mode = check_choice("init", init, INITS)
+        self.backend = check_choice("backend", backend, BACKENDS)
+
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=1)  # queries
+        self.conv2 = nn.Conv2d(in_planes, out_planes, kernel_size=1)  # keys
+        self.conv3 = nn.Conv2d(in_planes, out_planes, kernel_size=1)  # values
+        self.conv_p = nn.Conv2d(2, head_dim, kernel_size=1)  # positional encoding
+        if attn_weight == "mlp":
+            hidden = mlp_hidden or head_dim
+            self.attn_mlp = nn.Sequential(
+                nn.Linear(2 * head_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1, bias=False)
+            )
+        else:
+            self.attn_mlp = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise according to ``init`` (see the class docstring)."""
+        self.reset_conv_path()
+        if self.init_mode == "official":
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_planes}, {self.out_planes}, kernel_att={self.kernel_att}, head={self.head}, "
+            f"kernel_conv={self.kernel_conv}, stride={self.stride}, shift_mode={self.shift_mode!r}, "
+            f"attn_weight={self.attn_weight!r}, padding_mode={self.padding_mode!r}"
+        )
+
+    def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused stage-I projection: weight ``(3 C_out, C_in, 1, 1)`` and bias ``(3 C_out,)``."""
+        w = torch.cat((self.conv1.weight, self.conv2.weight, self.conv3.weight), dim=0)
+        b = torch.cat((self.conv1.bias, self.conv2.bias, self.conv3.bias), dim=0)
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply ACmix.
+
+        Args:
+            x: ``(B, in_planes, H, W)`` floating point.
+
+        Returns:
+            ``(B, out_planes, ceil(H / stride), ceil(W / stride))``.
+        """
+        check_float_tensor("input", x, 4, "(B, C, H, W)")
+        check_channels("input", x.shape[1], self.in_planes, "(B, C, H, W)")
+        B, _, H, W = x.shape
+        N, d = self.head, self.head_dim
+        padding = resolve_padding(self.padding_mode, self.kernel_att, H, W)
+
+        # Stage I: one GEMM for q, k, v -> (B, 3 C_out, H, W), channel which*C + head*d + j.
+        w, b = self.qkv_weight()
+        qkv = F.conv2d(x, w, b)
+        heads = qkv.view(B, 3 * N, d, H, W)  # group which*N + head
+        q, k, v = heads.view(B, 3, N, d, H, W).unbind(1)  # each (B, N, d, H, W)
+
+        # Positional encoding (1, d, H, W) in the activations' dtype and device.
+        grid = position_grid(H, W, dtype=qkv.dtype, device=qkv.device)
+        pe = F.conv2d(grid, self.conv_p.weight.to(qkv.dtype), self.conv_p.bias.to(qkv.dtype))
+
+        mlp = None
+        if self.attn_mlp is not None:
+            fc1, _, fc2 = self.attn_mlp
+            mlp = (fc1.weight.to(q.dtype), fc1.bias.to(q.dtype), fc2.weight[0].to(q.dtype))
+        att = local_attention(
+            q, k, v, self.kernel_att, self.stride, padding, pe, mlp=mlp, backend=self.backend
+        )  # (B, N, d, H', W')
+        att = att.reshape(B, self.out_planes, att.shape[-2], att.shape[-1])
+
+        conv = self.forward_conv_path(heads)  # (B, C_out, H', W')
+        return self.mix(att, conv)
+
+
+class ACmixConv2d(ACmix):
+    """ACmix behind an ``nn.Conv2d``-like signature: a drop-in for a k x k convolution.
+
+    ``kernel_size`` is the convolution path's kernel; ACmix is always
+    "same"-padded, so ``padding`` must be ``kernel_size // 2`` or ``"same"``.
+    Heads default to the largest of 4, 2, 1 dividing ``out_channels``.
+
+    Example:
+        Replace the 3x3 convolutions of a network::
+
+            >>> import torchvision
+            >>> net = torchvision.models.resnet18()
+            >>> old = net.layer1[0].conv2
+            >>> net.layer1[0].conv2 = ACmixConv2d.from_conv2d(old)
+            >>> net(torch.randn(1, 3, 64, 64)).shape
+            torch.Size([1, 1000])
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: odd convolution-path kernel (default 3).
+        stride: output stride.
+        padding: ``kernel_size // 2`` or ``"same"`` (other values are rejected).
+        dilation: 1 only.
+        groups: 1 only.
+        bias: accepted for signature compatibility; ACmix has its own biases.
+        heads: attention heads (default: largest of 4, 2, 1 dividing ``out_channels``).
+        kernel_att: attention window (default 7).
+        padding_mode: attention border mode; default ``"auto"`` so any map size works.
+        **kwargs: other keyword options of :class:`ACmix`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | str | None = None,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        heads: int | None = None,
+        kernel_att: int = 7,
+        padding_mode: str = "auto",
+        **kwargs: object,
+    ) -> None:
+        check_odd_kernel("kernel_size", kernel_size)
+        if padding not in (None, "same", kernel_size // 2):
+            raise ValueError(
+                f"ACmixConv2d is always 'same'-padded: padding must be {kernel_size // 2} "
+                f"or 'same' for kernel_size={kernel_size}, got {padding!r}"
+            )
+        if groups != 1:
+            raise ValueError(f"ACmixConv2d supports groups=1 only, got groups={groups}")
+        if heads is None:
+            check_positive_int("out_channels", out_channels)
+            heads = next(h for h in (4, 2, 1) if out_channels % h == 0)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_att,
+            heads,
+            kernel_size,
+            stride,
+            dilation,
+            padding_mode=padding_mode,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, **kwargs: object) -> ACmixConv2d:
+        """Build an ACmix layer shaped like ``conv`` (channels, kernel, stride, device, dtype).
+
+        The convolution's weights are not transferred (the two layers
+        parametrise different functions).
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+        kh, kw = conv.kernel_size
+        sh, sw = conv.stride
+        if kh != kw or sh != sw:
+            raise ValueError(
+                f"only square kernels and strides are supported, got kernel "
+                f"{conv.kernel_size} and stride {conv.stride}"
+            )
+        layer = cls(conv.in_channels, conv.out_channels, kh, sh, groups=conv.groups, **kwargs)
+        return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
