@@ -7,9 +7,9 @@ Quick start::
     y = layer(torch.randn(2, 64, 56, 56))  # (2, 64, 56, 56)
 """
 
-from acmix import layers
+from acmix import analysis, layers, models
 from acmix.layers import ACmix, ACmixConv2d, WindowACmix
 
 __version__ = "0.1.0"
 
-__all__ = ["ACmix", "ACmixConv2d", "WindowACmix", "__version__", "layers"]
+__all__ = ["ACmix", "ACmixConv2d", "WindowACmix", "__version__", "analysis", "layers", "models"]

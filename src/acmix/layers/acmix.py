@@ -133,6 +133,16 @@ class ACmixBase(nn.Module):
         """``rate1 * att + rate2 * conv``."""
         return acmix_mix(att, conv, self.rate1, self.rate2)
 
+    def uncounted_macs(self, inputs: tuple, output: torch.Tensor) -> int:
+        """MACs the dispatcher-level counter cannot see (see :mod:`acmix.analysis`).
+
+        The tensor-shift conv path sums ``k_c**2`` shifted maps per output
+        element elementwise: ``k_c**2 * C_out * H' * W'`` per image.
+        """
+        if self.shift_mode == "tensor":
+            return self.kernel_conv**2 * output.numel()
+        return 0
+
 
 class ACmix(ACmixBase):
     """Spatial ACmix (NCHW), the layer of the authors' ResNets.
@@ -238,12 +248,28 @@ class ACmix(ACmixBase):
     def extra_repr(self) -> str:
         return (
             f"{self.in_planes}, {self.out_planes}, kernel_att={self.kernel_att}, head={self.head}, "
-            f"kernel_conv={self.kernel_conv}, stride={self.stride}, shift_mode={self.shift_mode!r}, "
+            f"kernel_conv={self.kernel_conv}, stride={self.stride}, "
+            f"shift_mode={self.shift_mode!r}, "
             f"attn_weight={self.attn_weight!r}, padding_mode={self.padding_mode!r}"
         )
 
+    def uncounted_macs(self, inputs: tuple, output: torch.Tensor) -> int:
+        """Attention-path MACs done elementwise (invisible to ``FlopCounterMode``).
+
+        Dot-product weighting: ``k_a**2 * d`` for the logits plus ``k_a**2 * d``
+        for the aggregation, per head and output pixel, i.e.
+        ``2 * k_a**2 * C_out * H' * W'`` per image. The MLP weighting adds its
+        per-offset second layer (``k_a**2 * hidden`` per head and pixel).
+        """
+        K2 = self.kernel_att**2
+        macs = 2 * K2 * output.numel() + super().uncounted_macs(inputs, output)
+        if self.attn_mlp is not None:
+            hidden = self.attn_mlp[0].out_features
+            macs += K2 * hidden * (output.numel() // self.head_dim)
+        return macs
+
     def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused stage-I projection: weight ``(3 C_out, C_in, 1, 1)`` and bias ``(3 C_out,)``."""
+        """The fused stage-I projection: weight ``(3 C_out, C_in, 1, 1)``, bias ``(3 C_out,)``."""
         w = torch.cat((self.conv1.weight, self.conv2.weight, self.conv3.weight), dim=0)
         b = torch.cat((self.conv1.bias, self.conv2.bias, self.conv3.bias), dim=0)
         return w, b

@@ -139,7 +139,9 @@ def local_attention_reference(
     else:
         w1, b1, w2 = mlp
         feat = torch.cat((q_c.expand_as(keys), keys), dim=2)  # (B, N, 2d, K2, H', W')
-        hidden = torch.relu(torch.einsum("bnckhw,oc->bnokhw", feat, w1) + b1.view(1, 1, -1, 1, 1, 1))
+        hidden = torch.relu(
+            torch.einsum("bnckhw,oc->bnokhw", feat, w1) + b1.view(1, 1, -1, 1, 1, 1)
+        )
         logits = torch.einsum("bnokhw,o->bnkhw", hidden, w2)
     if padding == "zeros":
         bias = _window_mask_bias(H, W, kernel, stride, logits.dtype, logits.device)
@@ -258,7 +260,9 @@ def _shift_attention_mlp(
     bk = torch.einsum("bchw,oc->bohw", k_pad, w1k)
     logits = torch.stack(
         [
-            torch.einsum("bohw,o->bhw", torch.relu(a + _window(bk, p, kernel, stride, (Ho, Wo))), w2)
+            torch.einsum(
+                "bohw,o->bhw", torch.relu(a + _window(bk, p, kernel, stride, (Ho, Wo))), w2
+            )
             for p in range(K2)
         ],
         dim=1,
@@ -339,7 +343,9 @@ def local_attention(
         out = _shift_attention_mlp(q_c, k_pad, v_pad, bias, kernel, stride, mlp, pe_c)
     else:
         q_c = q_c * (d**-0.5 if scale is None else scale)
-        if torch.is_grad_enabled() and (q_c.requires_grad or k_pad.requires_grad or v_pad.requires_grad):
+        if torch.is_grad_enabled() and (
+            q_c.requires_grad or k_pad.requires_grad or v_pad.requires_grad
+        ):
             out = _ShiftAttention.apply(q_c, k_pad, v_pad, bias, kernel, stride)
         else:
             out, _ = _shift_attention_forward(q_c, k_pad, v_pad, bias, kernel, stride)

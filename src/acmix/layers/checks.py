@@ -79,9 +79,7 @@ def check_float_tensor(name: str, x: object, ndim: int, layout: str) -> torch.Te
             f"convert it first, e.g. x.float()"
         )
     if x.dim() != ndim:
-        raise ValueError(
-            f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
     return x
 
 

@@ -83,12 +83,12 @@ def _strided_window(
 ) -> torch.Tensor:
     """View of a padded map at rows ``oy + stride * i`` and columns ``ox + stride * j``."""
     Ho, Wo = out_hw
-    return x_pad[..., oy : oy + stride * (Ho - 1) + 1 : stride, ox : ox + stride * (Wo - 1) + 1 : stride]
+    return x_pad[
+        ..., oy : oy + stride * (Ho - 1) + 1 : stride, ox : ox + stride * (Wo - 1) + 1 : stride
+    ]
 
 
-def shift_sum(
-    x: torch.Tensor, kernel: int, stride: int = 1, repeat: int = 1
-) -> torch.Tensor:
+def shift_sum(x: torch.Tensor, kernel: int, stride: int = 1, repeat: int = 1) -> torch.Tensor:
     """Tensor-shift form of shift-and-sum: every position map moved to its offset and summed.
 
     ``out[b, g, i, j] = sum_p x[b, g, p, s*i + dy_p, s*j + dx_p]`` (zeros outside).

@@ -1,0 +1,104 @@
+"""Parameter and multiply-add (MAC) counting that counts every op we run.
+
+Built on :class:`torch.utils.flop_counter.FlopCounterMode`, which counts
+matmuls, convolutions, einsum/bmm and ``scaled_dot_product_attention`` but
+counts zero for elementwise work. The shift-and-accumulate local attention
+does its dot products and aggregation elementwise, so every module whose
+work is not visible to the dispatcher declares it through an
+``uncounted_macs(inputs, output) -> int`` method; :func:`count_macs` calls it
+from a forward hook. The convention is multiply-adds, as in the ResNet, Swin
+and PVT papers (``FlopCounterMode`` reports 2 FLOPs per MAC).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["MacsReport", "count_macs", "count_params"]
+
+
+@dataclass
+class MacsReport:
+    """Result of :func:`count_macs`.
+
+    Attributes:
+        total: total multiply-adds of one forward call.
+        by_module: MACs per module name (hierarchical: a parent includes its
+            children; ``""`` is the whole model).
+    """
+
+    total: int
+    by_module: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gmacs(self) -> float:
+        """Total in units of 1e9 MACs (the papers' "GFLOPs")."""
+        return self.total / 1e9
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def count_macs(
+    model: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...] | tuple[int, ...],
+) -> MacsReport:
+    """Count the multiply-adds of ``model(*inputs)``.
+
+    Args:
+        model: any module; put it in eval mode first if it behaves differently.
+        inputs: a tensor, a tuple of tensors, or a shape tuple such as
+            ``(1, 3, 224, 224)`` (a random float tensor on the model's device).
+
+    Returns:
+        A :class:`MacsReport` with the total and per-module MACs.
+    """
+    if isinstance(inputs, tuple) and all(isinstance(v, int) for v in inputs):
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        inputs = (torch.randn(*inputs, device=device, dtype=dtype),)
+    elif isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+
+    extra: dict[str, int] = defaultdict(int)
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        macs = int(module.uncounted_macs(args, output))  # type: ignore[operator]
+        name = names[module]
+        # Credit the module and each of its ancestors (hierarchical totals).
+        parts = name.split(".") if name else []
+        for i in range(len(parts) + 1):
+            extra[".".join(parts[:i])] += macs
+
+    for m in model.modules():
+        if callable(getattr(m, "uncounted_macs", None)):
+            handles.append(m.register_forward_hook(hook))
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    # FlopCounterMode names modules "<RootClass>.<path>"; "Global" is the total.
+    root = type(model).__name__
+    by_module: dict[str, int] = defaultdict(int)
+    for key, ops in counter.get_flop_counts().items():
+        if key == root:
+            continue  # same as "Global"
+        name = "" if key == "Global" else key.removeprefix(root + ".")
+        by_module[name] += sum(ops.values()) // 2
+    for name, macs in extra.items():
+        by_module[name] += macs
+    return MacsReport(total=by_module.get("", 0), by_module=dict(by_module))
