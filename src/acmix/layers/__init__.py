@@ -1,6 +1,6 @@
 """ACmix layers: the functional core and thin modules over it (flat re-exports)."""
 
-from acmix.layers.acmix import INITS, ACmix, ACmixBase, ACmixConv2d
+from acmix.layers.acmix import INITS, PATHS, ACmix, ACmixBase, ACmixConv2d
 from acmix.layers.attention import (
     ATTN_WEIGHTS,
     BACKENDS,
@@ -8,6 +8,7 @@ from acmix.layers.attention import (
     local_attention_reference,
 )
 from acmix.layers.checks import PADDING_MODES, resolve_padding
+from acmix.layers.factory import MIXERS, create_mixer
 from acmix.layers.functional import (
     SHIFT_MODES,
     acmix_mix,
@@ -35,7 +36,9 @@ __all__ = [
     "ATTN_WEIGHTS",
     "BACKENDS",
     "INITS",
+    "MIXERS",
     "PADDING_MODES",
+    "PATHS",
     "SHIFT_MODES",
     "WINDOW_BACKENDS",
     "ACmix",
@@ -46,6 +49,7 @@ __all__ = [
     "conv2d_as_shift_sum",
     "conv_path",
     "conv_path_features",
+    "create_mixer",
     "kernel_offsets",
     "local_attention",
     "local_attention_reference",

@@ -34,8 +34,9 @@ from acmix.layers.checks import (
 from acmix.layers.functional import SHIFT_MODES, acmix_mix, conv_path, position_grid, shift_kernel
 
 INITS: tuple[str, ...] = ("paper", "official")
+PATHS: tuple[str, ...] = ("both", "attn", "conv")
 
-__all__ = ["INITS", "ACmix", "ACmixBase", "ACmixConv2d"]
+__all__ = ["INITS", "PATHS", "ACmix", "ACmixBase", "ACmixConv2d"]
 
 
 class ACmixBase(nn.Module):
@@ -55,6 +56,10 @@ class ACmixBase(nn.Module):
             kernels) or ``"tensor"`` (explicit shifts, no kernels).
         fc_bias: whether ``fc`` has a bias (the authors' ResNet layer: no;
             their Swin layer: yes).
+        paths: ``"both"`` (ACmix), ``"attn"`` (attention path only: a plain
+            local / window self-attention layer, no conv-path parameters and no
+            alpha/beta) or ``"conv"`` (convolution path only, no alpha/beta).
+            The single-path forms are the ablations and baselines of the paper.
     """
 
     def __init__(
@@ -66,8 +71,12 @@ class ACmixBase(nn.Module):
         stride: int,
         shift_mode: str,
         fc_bias: bool,
+        paths: str = "both",
     ) -> None:
         super().__init__()
+        self.paths = check_choice("paths", paths, PATHS)
+        self.use_att = paths in ("both", "attn")
+        self.use_conv = paths in ("both", "conv")
         self.head = head
         self.head_dim = head_dim
         self.out_planes = out_planes
@@ -75,6 +84,12 @@ class ACmixBase(nn.Module):
         self.stride = check_positive_int("stride", stride)
         self.shift_mode = check_choice("shift_mode", shift_mode, SHIFT_MODES)
         K2 = kernel_conv * kernel_conv
+        self.fc: nn.Conv2d | None = None
+        self.dep_conv: nn.Conv2d | None = None
+        self.rate1: nn.Parameter | None = None
+        self.rate2: nn.Parameter | None = None
+        if not self.use_conv:
+            return
         # fc: 3N head groups -> K2 maps (a 1x1 conv, as the authors store it).
         self.fc = nn.Conv2d(3 * head, K2, kernel_size=1, bias=fc_bias)
         if shift_mode == "learnable":
@@ -87,17 +102,18 @@ class ACmixBase(nn.Module):
                 groups=head_dim,
                 bias=False,
             )
-        else:
-            self.dep_conv = None
-            if shift_mode == "fixed":
-                self.register_buffer(
-                    "shift_weight", shift_kernel(out_planes, kernel_conv), persistent=False
-                )
-        self.rate1 = nn.Parameter(torch.empty(1))
-        self.rate2 = nn.Parameter(torch.empty(1))
+        elif shift_mode == "fixed":
+            self.register_buffer(
+                "shift_weight", shift_kernel(out_planes, kernel_conv), persistent=False
+            )
+        if paths == "both":
+            self.rate1 = nn.Parameter(torch.empty(1))
+            self.rate2 = nn.Parameter(torch.empty(1))
 
     def reset_conv_path(self) -> None:
         """Paper init: alpha = beta = 0.5 and the grouped conv at the pure shift."""
+        if self.rate1 is None or self.rate2 is None:
+            return
         nn.init.constant_(self.rate1, 0.5)
         nn.init.constant_(self.rate2, 0.5)
         if self.dep_conv is not None:
@@ -109,15 +125,18 @@ class ACmixBase(nn.Module):
             return self.dep_conv.weight
         return getattr(self, "shift_weight", None)
 
-    def forward_conv_path(self, qkv: torch.Tensor) -> torch.Tensor:
+    def forward_conv_path(self, qkv: torch.Tensor) -> torch.Tensor | None:
         """Convolution path on head features.
 
         Args:
             qkv: ``(B, 3N, d, H, W)`` (group ``which * N + head``; any strides).
 
         Returns:
-            ``(B, out_planes, ceil(H / stride), ceil(W / stride))``.
+            ``(B, out_planes, ceil(H / stride), ceil(W / stride))``, or
+            ``None`` when the layer has no convolution path.
         """
+        if self.fc is None:
+            return None
         return conv_path(
             qkv,
             self.fc.weight,
@@ -129,8 +148,13 @@ class ACmixBase(nn.Module):
             self.shift_mode,
         )
 
-    def mix(self, att: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
-        """``rate1 * att + rate2 * conv``."""
+    def mix(self, att: torch.Tensor | None, conv: torch.Tensor | None) -> torch.Tensor:
+        """``rate1 * att + rate2 * conv``; a single-path layer returns its one path."""
+        if att is None or conv is None:
+            out = att if conv is None else conv
+            assert out is not None, "a layer has at least one path"
+            return out
+        assert self.rate1 is not None and self.rate2 is not None
         return acmix_mix(att, conv, self.rate1, self.rate2)
 
     def uncounted_macs(self, inputs: tuple, output: torch.Tensor) -> int:
@@ -139,7 +163,7 @@ class ACmixBase(nn.Module):
         The tensor-shift conv path sums ``k_c**2`` shifted maps per output
         element elementwise: ``k_c**2 * C_out * H' * W'`` per image.
         """
-        if self.shift_mode == "tensor":
+        if self.use_conv and self.shift_mode == "tensor":
             return self.kernel_conv**2 * output.numel()
         return 0
 
@@ -178,6 +202,8 @@ class ACmix(ACmixBase):
         backend: attention backend, ``"auto"``, ``"shift"`` or ``"reference"``
             (see :func:`acmix.layers.local_attention`).
         mlp_hidden: hidden width of the MLP weighting (default ``d``).
+        paths: ``"both"`` (ACmix, default), ``"attn"`` (local self-attention
+            only: the SASA-style baseline) or ``"conv"`` (convolution path only).
 
     Shape:
         input ``(B, in_planes, H, W)`` -> output
@@ -205,6 +231,7 @@ class ACmix(ACmixBase):
         init: str = "paper",
         backend: str = "auto",
         mlp_hidden: int | None = None,
+        paths: str = "both",
     ) -> None:
         check_positive_int("in_planes", in_planes)
         head_dim = check_heads(out_planes, head)
@@ -215,7 +242,7 @@ class ACmix(ACmixBase):
                 f"dilation={dilation} is not supported; ACmix windows are dense (dilation=1). "
                 "The argument exists for compatibility with the authors' signature only."
             )
-        super().__init__(head, head_dim, out_planes, kernel_conv, stride, shift_mode, False)
+        super().__init__(head, head_dim, out_planes, kernel_conv, stride, shift_mode, False, paths)
         self.in_planes = in_planes
         self.kernel_att = kernel_att
         self.dilation = dilation
@@ -227,8 +254,8 @@ class ACmix(ACmixBase):
         self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=1)  # queries
         self.conv2 = nn.Conv2d(in_planes, out_planes, kernel_size=1)  # keys
         self.conv3 = nn.Conv2d(in_planes, out_planes, kernel_size=1)  # values
-        self.conv_p = nn.Conv2d(2, head_dim, kernel_size=1)  # positional encoding
-        if attn_weight == "mlp":
+        self.conv_p = nn.Conv2d(2, head_dim, kernel_size=1) if self.use_att else None
+        if attn_weight == "mlp" and self.use_att:
             hidden = mlp_hidden or head_dim
             self.attn_mlp = nn.Sequential(
                 nn.Linear(2 * head_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1, bias=False)
@@ -261,8 +288,11 @@ class ACmix(ACmixBase):
         ``2 * k_a**2 * C_out * H' * W'`` per image. The MLP weighting adds its
         per-offset second layer (``k_a**2 * hidden`` per head and pixel).
         """
+        macs = super().uncounted_macs(inputs, output)
+        if not self.use_att:
+            return macs
         K2 = self.kernel_att**2
-        macs = 2 * K2 * output.numel() + super().uncounted_macs(inputs, output)
+        macs += 2 * K2 * output.numel()
         if self.attn_mlp is not None:
             hidden = self.attn_mlp[0].out_features
             macs += K2 * hidden * (output.numel() // self.head_dim)
@@ -287,7 +317,6 @@ class ACmix(ACmixBase):
         check_channels("input", x.shape[1], self.in_planes, "(B, C, H, W)")
         B, _, H, W = x.shape
         N, d = self.head, self.head_dim
-        padding = resolve_padding(self.padding_mode, self.kernel_att, H, W)
 
         # Stage I: one GEMM for q, k, v -> (B, 3 C_out, H, W), channel which*C + head*d + j.
         w, b = self.qkv_weight()
@@ -295,10 +324,19 @@ class ACmix(ACmixBase):
         heads = qkv.view(B, 3 * N, d, H, W)  # group which*N + head
         q, k, v = heads.view(B, 3, N, d, H, W).unbind(1)  # each (B, N, d, H, W)
 
-        # Positional encoding (1, d, H, W) in the activations' dtype and device.
-        grid = position_grid(H, W, dtype=qkv.dtype, device=qkv.device)
-        pe = F.conv2d(grid, self.conv_p.weight.to(qkv.dtype), self.conv_p.bias.to(qkv.dtype))
+        # Stage II: both paths read the same projections.
+        att = self._attention(q, k, v) if self.use_att else None  # (B, C_out, H', W')
+        conv = self.forward_conv_path(heads)  # (B, C_out, H', W') or None
+        return self.mix(att, conv)
 
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention path: q/k/v ``(B, N, d, H, W)`` -> ``(B, C_out, H', W')``."""
+        assert self.conv_p is not None
+        B, _, _, H, W = q.shape
+        padding = resolve_padding(self.padding_mode, self.kernel_att, H, W)
+        # Positional encoding (1, d, H, W) in the activations' dtype and device.
+        grid = position_grid(H, W, dtype=q.dtype, device=q.device)
+        pe = F.conv2d(grid, self.conv_p.weight.to(q.dtype), self.conv_p.bias.to(q.dtype))
         mlp = None
         if self.attn_mlp is not None:
             fc1, _, fc2 = self.attn_mlp
@@ -306,10 +344,7 @@ class ACmix(ACmixBase):
         att = local_attention(
             q, k, v, self.kernel_att, self.stride, padding, pe, mlp=mlp, backend=self.backend
         )  # (B, N, d, H', W')
-        att = att.reshape(B, self.out_planes, att.shape[-2], att.shape[-1])
-
-        conv = self.forward_conv_path(heads)  # (B, C_out, H', W')
-        return self.mix(att, conv)
+        return att.reshape(B, self.out_planes, att.shape[-2], att.shape[-1])
 
 
 class ACmixConv2d(ACmix):

@@ -148,6 +148,8 @@ class WindowACmix(ACmixBase):
         init: ``"paper"`` / ``"official"`` (identical here: the authors' Swin
             keeps the shift init).
         backend: ``"auto"``, ``"sdpa"`` or ``"reference"``.
+        paths: ``"both"`` (ACmix, default), ``"attn"`` (plain Swin window
+            attention, the baseline: same keys as Swin) or ``"conv"``.
 
     Shape:
         ``forward(x, mask)``: ``x`` ``(B, H, W, C)`` with H, W multiples of the
@@ -169,9 +171,10 @@ class WindowACmix(ACmixBase):
         shift_mode: str = "learnable",
         init: str = "paper",
         backend: str = "auto",
+        paths: str = "both",
     ) -> None:
         head_dim = check_heads(dim, num_heads)
-        super().__init__(num_heads, head_dim, dim, kernel_conv, 1, shift_mode, True)
+        super().__init__(num_heads, head_dim, dim, kernel_conv, 1, shift_mode, True, paths)
         self.dim = dim
         self.window_size = _pair(window_size)
         for v in self.window_size:
@@ -222,15 +225,22 @@ class WindowACmix(ACmixBase):
         check_channels("input", x.shape[-1], self.dim, "(B, H, W, C)")
         B, H, W, C = x.shape
         N, d = self.num_heads, self.head_dim
-        wh, ww = self.window_size
-        L = wh * ww
-
         qkv = self.qkv(x)  # (B, H, W, 3C), channel which*C + head*d + j
 
         # Convolution path on the whole map: head features (B, 3N, d, H, W) as a view.
-        heads = qkv.view(B, H, W, 3 * N, d).permute(0, 3, 4, 1, 2)
-        conv = self.forward_conv_path(heads).permute(0, 2, 3, 1)  # (B, H, W, C)
+        conv = None
+        if self.use_conv:
+            heads = qkv.view(B, H, W, 3 * N, d).permute(0, 3, 4, 1, 2)
+            conv = self.forward_conv_path(heads).permute(0, 2, 3, 1)  # (B, H, W, C)
+        att = self._window_attention(qkv, mask) if self.use_att else None
+        return self.proj_drop(self.mix(att, conv))
 
+    def _window_attention(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention path: ``qkv (B, H, W, 3C)`` -> ``proj(attention) (B, H, W, C)``."""
+        B, H, W, C3 = qkv.shape
+        C, N, d = C3 // 3, self.num_heads, self.head_dim
+        wh, ww = self.window_size
+        L = wh * ww
         # Attention path in windows.
         windows = window_partition(qkv, self.window_size)  # (B*nW, L, 3C)
         Bw = windows.shape[0]
@@ -247,5 +257,4 @@ class WindowACmix(ACmixBase):
         drop = self.attn_drop if self.training else 0.0
         att = window_attention(q, k, v, bias, self.scale, drop, self.backend)
         att = att.transpose(1, 2).reshape(Bw, L, C)
-        att = window_reverse(self.proj(att), self.window_size, H, W)  # (B, H, W, C)
-        return self.proj_drop(self.mix(att, conv))
+        return window_reverse(self.proj(att), self.window_size, H, W)  # (B, H, W, C)
