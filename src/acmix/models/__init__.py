@@ -5,6 +5,24 @@ One configurable class per family; the token mixer is a config value
 same code.
 """
 
-from acmix.models._stats import MODEL_STATS, ModelStats, get_stats, register_stats
+from acmix.models._stats import (
+    MODEL_STATS,
+    TEST_CONFIGS,
+    ModelStats,
+    TestConfig,
+    get_stats,
+    register_stats,
+    register_test_config,
+)
 
-__all__ = ["MODEL_STATS", "ModelStats", "get_stats", "register_stats"]
+# Model families (each registers its variants with timm on import):
+
+__all__ = [
+    "MODEL_STATS",
+    "TEST_CONFIGS",
+    "ModelStats",
+    "TestConfig",
+    "get_stats",
+    "register_stats",
+    "register_test_config",
+]

@@ -49,3 +49,25 @@ def get_stats(name: str) -> ModelStats:
         return MODEL_STATS[name]
     except KeyError:
         raise KeyError(f"no stats for {name!r}; known: {sorted(MODEL_STATS)}") from None
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """A tiny, fast configuration of a registered model for the registry-wide tests.
+
+    Attributes:
+        kwargs: keyword arguments for ``timm.create_model(name, **kwargs)`` that make
+            the model small (few channels / blocks) while keeping its structure.
+        input_size: ``(C, H, W)`` of a small test input.
+    """
+
+    kwargs: dict
+    input_size: tuple[int, int, int] = (3, 64, 64)
+
+
+TEST_CONFIGS: dict[str, TestConfig] = {}
+
+
+def register_test_config(name: str, config: TestConfig) -> None:
+    """Record the tiny test configuration of the registered model ``name``."""
+    TEST_CONFIGS[name] = config
