@@ -112,10 +112,9 @@ class ACmixBase(nn.Module):
 
     def reset_conv_path(self) -> None:
         """Paper init: alpha = beta = 0.5 and the grouped conv at the pure shift."""
-        if self.rate1 is None or self.rate2 is None:
-            return
-        nn.init.constant_(self.rate1, 0.5)
-        nn.init.constant_(self.rate2, 0.5)
+        if self.rate1 is not None and self.rate2 is not None:
+            nn.init.constant_(self.rate1, 0.5)
+            nn.init.constant_(self.rate2, 0.5)
         if self.dep_conv is not None:
             with torch.no_grad():
                 self.dep_conv.weight.copy_(shift_kernel(self.out_planes, self.kernel_conv))
