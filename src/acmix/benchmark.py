@@ -1,0 +1,224 @@
+"""Side-by-side layer benchmarks: our ACmix vs the reference path vs ``nn.Conv2d``.
+
+Every number is measured in the same process and reported as a ratio to
+``nn.Conv2d(C, C, 3, padding=1)`` at the same shape, because absolute times
+on shared machines are noisy (malloc settings alone moved attention timings
+by 2x on the development machines). The environment is printed with the
+table. Used by ``benchmarks/bench_layer.py`` and the ``acmix bench`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from acmix.analysis.memory import peak_memory
+from acmix.layers import ACmix
+
+__all__ = [
+    "LAYER_SHAPES",
+    "LayerResult",
+    "bench_layers",
+    "environment",
+    "format_layer_table",
+    "time_fn",
+]
+
+# (C, H, stride): the paper's ResNet stage widths at 224 input, plus a stride-2 case.
+LAYER_SHAPES: tuple[tuple[int, int, int], ...] = (
+    (64, 56, 1),
+    (128, 28, 1),
+    (256, 14, 1),
+    (512, 7, 1),
+    (128, 56, 2),
+)
+
+_ENV_KEYS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+    "LD_PRELOAD",
+    "OPENBLAS_CORETYPE",
+)
+
+
+def environment() -> dict[str, object]:
+    """What the numbers depend on: versions, threads, device, allocator settings."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    env: dict[str, object] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    env.update({k: os.environ[k] for k in _ENV_KEYS if k in os.environ})
+    return env
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    min_reps: int = 3,
+    min_time: float = 0.5,
+) -> float:
+    """Median seconds per call of ``fn`` (at least ``min_reps`` calls and ``min_time`` s)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50:
+            break
+    return statistics.median(times)
+
+
+@dataclass
+class LayerResult:
+    """Timings (seconds) and peak extra memory (bytes) of one layer at one shape."""
+
+    name: str
+    channels: int
+    size: int
+    stride: int
+    fwd_s: float
+    fwd_bwd_s: float
+    fwd_bwd_peak_bytes: int
+    fwd_peak_bytes: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _measure(
+    name: str,
+    layer: nn.Module,
+    x: torch.Tensor,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    min_time: float,
+) -> LayerResult:
+    layer.train()
+
+    def fwd() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    def fwd_bwd() -> None:
+        xg = x.detach().requires_grad_(True)
+        layer(xg).sum().backward()
+        layer.zero_grad(set_to_none=True)
+
+    t_fwd = time_fn(fwd, device, min_time=min_time)
+    t_fb = time_fn(fwd_bwd, device, min_time=min_time)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fwd_bwd()
+        _sync(device)
+        peak_fb = torch.cuda.max_memory_allocated(device) - base
+        torch.cuda.reset_peak_memory_stats(device)
+        fwd()
+        peak_f = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak_fb = peak_memory(fwd_bwd)
+        peak_f = peak_memory(fwd)
+    C, H, s = shape
+    return LayerResult(name, C, H, s, t_fwd, t_fb, peak_fb, peak_f)
+
+
+def bench_layers(
+    shapes: tuple[tuple[int, int, int], ...] = LAYER_SHAPES,
+    *,
+    batch: int = 8,
+    device: str | torch.device = "cpu",
+    include_reference: bool = True,
+    min_time: float = 0.5,
+    progress: bool = True,
+) -> list[LayerResult]:
+    """Benchmark ``nn.Conv2d`` 3x3, our ACmix and (optionally) the reference path.
+
+    Args:
+        shapes: ``(C, H, stride)`` triples; input ``(batch, C, H, H)``.
+        batch: batch size.
+        device: where to run.
+        include_reference: also time the unfold reference path (slow, memory hungry).
+        min_time: seconds of timed calls per measurement (at least 3 calls).
+        progress: print a line per measurement to stderr.
+
+    Returns:
+        One :class:`LayerResult` per (layer, shape).
+    """
+    import sys
+
+    device = torch.device(device)
+    results: list[LayerResult] = []
+    for C, H, s in shapes:
+        x = torch.randn(batch, C, H, H, device=device)
+        layers: dict[str, nn.Module] = {
+            "conv2d": nn.Conv2d(C, C, 3, stride=s, padding=1),
+            "acmix": ACmix(C, C, 7, 4, 3, s),
+        }
+        if include_reference:
+            layers["reference"] = ACmix(C, C, 7, 4, 3, s, backend="reference")
+        for name, layer in layers.items():
+            if progress:
+                print(f"  {name:<10} C={C:<4} H={H:<3} stride={s}", file=sys.stderr, flush=True)
+            layer.to(device)
+            results.append(_measure(name, layer, x, (C, H, s), device, min_time))
+    return results
+
+
+def format_layer_table(results: list[LayerResult]) -> str:
+    """Markdown table: ms and MiB per layer, and ratios to ``nn.Conv2d`` at the same shape."""
+    base = {(r.channels, r.size, r.stride): r for r in results if r.name == "conv2d"}
+    lines = [
+        "| layer | C | H | stride | fwd ms | fwd× | fwd+bwd ms | fwd+bwd× "
+        "| peak fwd+bwd MiB | mem× |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        b = base[(r.channels, r.size, r.stride)]
+        lines.append(
+            f"| {r.name} | {r.channels} | {r.size} | {r.stride} | {r.fwd_s * 1e3:.1f} "
+            f"| {r.fwd_s / b.fwd_s:.2f} | {r.fwd_bwd_s * 1e3:.1f} "
+            f"| {r.fwd_bwd_s / b.fwd_bwd_s:.2f} "
+            f"| {r.fwd_bwd_peak_bytes / 2**20:.1f} "
+            f"| {r.fwd_bwd_peak_bytes / max(b.fwd_bwd_peak_bytes, 1):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def results_json(results: list[LayerResult]) -> str:
+    """The results and the environment as JSON."""
+    return json.dumps(
+        {"environment": environment(), "results": [asdict(r) for r in results]}, indent=2
+    )
