@@ -17,9 +17,32 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["MacsReport", "count_macs", "count_params"]
+__all__ = ["EXTRA_FORMULAS", "MacsReport", "count_macs", "count_params"]
+
+
+def _cpu_flash_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _extra_formulas() -> dict:
+    """FLOP formulas torch does not register itself (CPU's fused attention kernels)."""
+    ops = torch.ops.aten
+    table = {}
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
+        table[ops._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_fwd
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        table[ops._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_bwd
+    return table
+
+
+#: Formulas added to ``FlopCounterMode`` so that no op that does work counts zero.
+EXTRA_FORMULAS = _extra_formulas()
 
 
 @dataclass
@@ -84,7 +107,7 @@ def count_macs(
     for m in model.modules():
         if callable(getattr(m, "uncounted_macs", None)):
             handles.append(m.register_forward_hook(hook))
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
     try:
         with counter:
             model(*inputs)
