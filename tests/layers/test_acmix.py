@@ -29,7 +29,7 @@ def _run_fixture(fx: dict, dtype: torch.dtype, backend: str):
 
 
 @pytest.mark.parametrize("name", RESNET_CASES)
-@pytest.mark.parametrize("backend", ["shift", "reference"])
+@pytest.mark.parametrize("backend", ["cpp", "shift", "reference"])
 def test_fixture_parity_float64(fixtures_dir, name, backend) -> None:
     fx = load_fixture(fixtures_dir, name)
     y, gx, grads = _run_fixture(fx, torch.float64, backend)

@@ -55,7 +55,7 @@ def test_reference_and_shift_equal_brute_force(padding, kernel, stride, hw) -> N
     q, k, v = _qkv((2, 2, 3, *hw))
     pe = torch.randn(1, 3, *hw, dtype=torch.float64)
     truth = brute_force(q, k, v, kernel, stride, padding, pe)
-    for backend in ("reference", "shift"):
+    for backend in ("reference", "shift", "cpp"):
         out = local_attention(q, k, v, kernel, stride, padding, pe, backend=backend)
         assert out.shape == truth.shape
         assert max_abs(out, truth) < 1e-12, backend
@@ -84,13 +84,14 @@ SWEEP_PADDED = [
 
 @pytest.mark.parametrize(("case", "padding"), SWEEP_PADDED)
 @pytest.mark.parametrize("with_pe", [True, False])
-def test_shift_backend_matches_reference_fwd_bwd(case, padding, with_pe) -> None:
+@pytest.mark.parametrize("backend", ["shift", "cpp"])
+def test_fast_backends_match_reference_fwd_bwd(case, padding, with_pe, backend) -> None:
     B, N, d, H, W, kernel, stride = case
     q, k, v = _qkv((B, N, d, H, W), grad=True)
     pe = torch.randn(1, d, H, W, dtype=torch.float64, requires_grad=True) if with_pe else None
     inputs = [q, k, v] + ([pe] if with_pe else [])
     ref = local_attention(q, k, v, kernel, stride, padding, pe, backend="reference")
-    out = local_attention(q, k, v, kernel, stride, padding, pe, backend="shift")
+    out = local_attention(q, k, v, kernel, stride, padding, pe, backend=backend)
     assert out.shape == (B, N, d, -(-H // stride), -(-W // stride))
     assert max_abs(out, ref) < 1e-12
     g = torch.randn_like(ref)
@@ -139,7 +140,7 @@ def test_mlp_weighting_hand_case() -> None:
     assert max_abs(out[0, 0, :, 1, 1], expected) < 1e-13
 
 
-@pytest.mark.parametrize("backend", ["reference", "shift"])
+@pytest.mark.parametrize("backend", ["reference", "shift", "cpp"])
 @pytest.mark.parametrize("padding", ["reflect", "zeros"])
 def test_gradcheck(backend, padding) -> None:
     q, k, v = _qkv((1, 2, 2, 5, 4), grad=True)
@@ -170,6 +171,30 @@ def test_reflection_duplicates_count_twice() -> None:
     b = local_attention(q, k, v, 3, 1, "zeros")
     assert max_abs(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1]) < 1e-13  # interior identical
     assert max_abs(a[..., 0, 0], b[..., 0, 0]) > 1e-6  # corner differs
+
+
+def test_cpp_float32_and_auto_selection() -> None:
+    q, k, v = _qkv((2, 2, 4, 9, 10), dtype=torch.float32)
+    ref = local_attention(q, k, v, 5, 2, backend="reference")
+    for backend in ("cpp", "auto"):
+        assert max_abs(local_attention(q, k, v, 5, 2, backend=backend), ref) < 1e-5
+    with pytest.raises(ValueError, match="backend='cpp' needs CPU float32/float64"):
+        local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 5, backend="cpp")
+    # auto falls back to the PyTorch shift path where the kernel does not apply
+    out = local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 5, backend="auto")
+    assert out.dtype == torch.bfloat16
+
+
+def test_cpp_disabled_by_environment(monkeypatch) -> None:
+    from acmix.layers import _cpp
+
+    monkeypatch.setenv("ACMIX_NO_CPP", "1")
+    monkeypatch.setattr(_cpp, "_state", {})
+    assert _cpp.cpu_kernel() is None
+    q, k, v = _qkv((1, 1, 2, 5, 5))
+    ref = local_attention(q, k, v, 3, backend="reference")
+    assert max_abs(local_attention(q, k, v, 3, backend="auto"), ref) < 1e-12
+    monkeypatch.setattr(_cpp, "_state", {})  # let later tests load it again
 
 
 def test_errors() -> None:

@@ -92,6 +92,14 @@ def test_attention_only_is_swin_window_attention() -> None:
     assert "fc.weight" not in m.state_dict()
 
 
+def test_conv_only_has_no_attention_parameters() -> None:
+    m = WindowACmix(8, 2, 2, paths="conv")
+    assert {n.split(".")[0] for n in m.state_dict()} == {"qkv", "fc", "dep_conv"}
+    x = torch.randn(1, 4, 4, 8)
+    m(x).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
 def test_errors() -> None:
     with pytest.raises(ValueError, match=r"out_planes \(30\) must be divisible by head \(4\)"):
         WindowACmix(30, 7, 4)

@@ -23,11 +23,18 @@ Backends, all computing the same function:
 * ``"reference"``: the authors' algorithm, written plainly: unfold keys and
   values into ``(B, N, d, k*k, H', W')`` windows. Obviously correct, ``k*k``
   times the activation memory. Kept as the truth for tests.
-* ``"shift"`` (the default): shift-and-accumulate over the ``k*k`` window
-  offsets with strided views of the padded maps, never materialising windows,
-  with a hand-written backward (whose gradients are themselves shift-sums).
-  It uses that ``q_c . pe_c`` is constant over the window and cancels in
-  the softmax, so ``k - pe`` is formed once.
+* ``"shift"``: shift-and-accumulate over the ``k*k`` window offsets with
+  strided views of the padded maps, never materialising windows, with a
+  hand-written backward (whose gradients are themselves shift-sums). Pure
+  PyTorch: any device and dtype.
+* ``"cpp"``: the same algorithm fused into one C++ kernel per direction
+  (``src/acmix/csrc``), one output row at a time with its logits in cache; it
+  keeps only the log-sum-exp for backward and recomputes the weights there.
+  CPU, float32 / float64, dot-product weighting; compiled on first use.
+* ``"auto"`` picks ``"cpp"`` where it applies and builds, else ``"shift"``.
+
+The fast backends use that ``q_c . pe_c`` is constant over the window and
+cancels in the softmax, so ``k - pe`` is formed once.
 
 The generalised attention weights of the paper's Sec. 4.5 are available as
 ``weight="mlp"``: ``logit(c, n) = w2 . relu(W1 [q_c ; k_n + pe_c - pe_n] + b1)``.
@@ -40,10 +47,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from acmix.layers._cpp import CppLocalAttention, cpu_kernel
 from acmix.layers.checks import check_choice, check_odd_kernel, check_positive_int
 
-Backend = Literal["auto", "shift", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "shift", "reference")
+Backend = Literal["auto", "cpp", "shift", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "cpp", "shift", "reference")
 ATTN_WEIGHTS: tuple[str, ...] = ("dot", "mlp")
 
 __all__ = [
@@ -276,6 +284,23 @@ def _shift_attention_mlp(
     return out
 
 
+def _use_cpp(backend: str, q: torch.Tensor) -> bool:
+    applies = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+    if backend == "cpp":
+        if not applies:
+            raise ValueError(
+                f"backend='cpp' needs CPU float32/float64 tensors, got {q.dtype} on {q.device}"
+            )
+        if cpu_kernel() is None:
+            raise RuntimeError("backend='cpp' requested but the CPU kernel could not be built")
+        return True
+    if backend != "auto" or not applies:
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False  # keep traced / exported graphs in plain aten ops
+    return cpu_kernel() is not None
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -301,7 +326,8 @@ def local_attention(
         scale: query scale of the dot product; default ``d ** -0.5``.
         mlp: ``(w1 (h, 2d), b1 (h,), w2 (h,))`` for the Sec. 4.5 MLP weighting;
             ``None`` for the dot product.
-        backend: ``"auto"`` (= ``"shift"``), ``"shift"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cpp"``, ``"shift"`` or ``"reference"`` (see the module
+            docstring); ``"cpp"`` raises where the kernel does not apply.
 
     Returns:
         ``(B, N, d, H', W')``.
@@ -341,6 +367,11 @@ def local_attention(
         if pe is not None:
             pe_c = pe.reshape(1, d, H, W)[..., ::stride, ::stride].to(q.dtype)
         out = _shift_attention_mlp(q_c, k_pad, v_pad, bias, kernel, stride, mlp, pe_c)
+    elif _use_cpp(backend, q_c):
+        q_c = (q_c * (d**-0.5 if scale is None else scale)).contiguous()
+        out = CppLocalAttention.apply(
+            q_c, k_pad.contiguous(), v_pad.contiguous(), bias, kernel, stride
+        )
     else:
         q_c = q_c * (d**-0.5 if scale is None else scale)
         if torch.is_grad_enabled() and (

@@ -163,6 +163,11 @@ def shift_sum_group_conv(
     """
     K2 = kernel * kernel
     groups = x.shape[1] // K2
+    if x.device.type == "cpu":
+        # oneDNN's grouped convolution is several times faster channels-last on CPU
+        # (measured 6.5x for fwd+bwd at d=16, 9 maps per group, 56x56).
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
     return F.conv2d(x, weight, None, stride=stride, padding=kernel // 2, groups=groups)
 
 

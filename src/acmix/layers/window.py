@@ -184,19 +184,26 @@ class WindowACmix(ACmixBase):
         self.init_mode = check_choice("init", init, INITS)
         self.backend = check_choice("backend", backend, WINDOW_BACKENDS)
         wh, ww = self.window_size
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads)
-        )
-        self.register_buffer("relative_position_index", relative_position_index(self.window_size))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        # Attention-path parameters exist only where there is an attention path.
+        self.relative_position_bias_table: nn.Parameter | None = None
+        self.proj: nn.Linear | None = None
+        if self.use_att:
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads)
+            )
+            self.register_buffer(
+                "relative_position_index", relative_position_index(self.window_size)
+            )
+            self.proj = nn.Linear(dim, dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Swin's truncated-normal bias table, the paper init of the conv path."""
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        if self.relative_position_bias_table is not None:
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.reset_conv_path()
 
     def extra_repr(self) -> str:
@@ -207,6 +214,7 @@ class WindowACmix(ACmixBase):
 
     def position_bias(self) -> torch.Tensor:
         """Relative position bias ``(N, Wh*Ww, Wh*Ww)``."""
+        assert self.relative_position_bias_table is not None, "no attention path"
         L = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(L, L, -1).permute(2, 0, 1)
@@ -257,4 +265,5 @@ class WindowACmix(ACmixBase):
         drop = self.attn_drop if self.training else 0.0
         att = window_attention(q, k, v, bias, self.scale, drop, self.backend)
         att = att.transpose(1, 2).reshape(Bw, L, C)
+        assert self.proj is not None
         return window_reverse(self.proj(att), self.window_size, H, W)  # (B, H, W, C)
