@@ -222,3 +222,118 @@ def results_json(results: list[LayerResult]) -> str:
     return json.dumps(
         {"environment": environment(), "results": [asdict(r) for r in results]}, indent=2
     )
+
+
+# ------------------------------------------------------------------ models
+
+
+@dataclass
+class ModelResult:
+    """Train-step and inference timings (seconds) and peak extra memory (bytes) of one model."""
+
+    name: str
+    batch: int
+    img_size: int
+    train_step_s: float
+    infer_s: float
+    train_peak_bytes: int
+
+
+def _model_pairs() -> list[tuple[str, Callable[[], nn.Module], str, Callable[[], nn.Module]]]:
+    import timm
+    import torchvision
+
+    import acmix.models  # noqa: F401  (registers the models)
+
+    return [
+        (
+            "acmix_resnet50",
+            lambda: timm.create_model("acmix_resnet50"),
+            "torchvision resnet50",
+            lambda: torchvision.models.resnet50(),
+        ),
+        (
+            "acmix_swin_tiny_patch4_window7_224",
+            lambda: timm.create_model("acmix_swin_tiny_patch4_window7_224"),
+            "timm swin_tiny_patch4_window7_224",
+            lambda: timm.create_model("swin_tiny_patch4_window7_224"),
+        ),
+    ]
+
+
+def _measure_model(
+    name: str, model: nn.Module, batch: int, img: int, device: torch.device, min_time: float
+) -> ModelResult:
+    model.to(device)
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def infer() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    t_train = time_fn(step, device, warmup=1, min_reps=2, min_time=min_time)
+    t_infer = time_fn(infer, device, warmup=1, min_reps=2, min_time=min_time)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = peak_memory(step)
+    return ModelResult(name, batch, img, t_train, t_infer, peak)
+
+
+def bench_models(
+    *,
+    batch: int = 8,
+    img_size: int = 224,
+    device: str | torch.device = "cpu",
+    min_time: float = 1.0,
+    only: str | None = None,
+) -> list[tuple[ModelResult, ModelResult]]:
+    """Train step (fwd + bwd + SGD) and inference of our models vs their plain counterparts.
+
+    Returns:
+        ``(ours, baseline)`` pairs: acmix_resnet50 vs torchvision resnet50,
+        ACmix Swin-T vs timm Swin-T.
+    """
+    import sys
+
+    device = torch.device(device)
+    out = []
+    for name, make, base_name, make_base in _model_pairs():
+        if only and only not in name:
+            continue
+        print(f"  {name} vs {base_name}", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
+        ours = _measure_model(name, make(), batch, img_size, device, min_time)
+        base = _measure_model(base_name, make_base(), batch, img_size, device, min_time)
+        out.append((ours, base))
+    return out
+
+
+def format_model_table(pairs: list[tuple[ModelResult, ModelResult]]) -> str:
+    """Markdown table with ratios ours / baseline."""
+    lines = [
+        "| model | baseline | batch | train step s | ×base | inference s | ×base "
+        "| train peak MiB | ×base |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o, b in pairs:
+        lines.append(
+            f"| {o.name} | {b.name} | {o.batch} | {o.train_step_s:.3f} "
+            f"| {o.train_step_s / b.train_step_s:.2f} | {o.infer_s:.3f} "
+            f"| {o.infer_s / b.infer_s:.2f} | {o.train_peak_bytes / 2**20:.0f} "
+            f"| {o.train_peak_bytes / max(b.train_peak_bytes, 1):.2f} |"
+        )
+    return "\n".join(lines)

@@ -28,6 +28,8 @@ def command(name: str, help: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered subcommand."""
+    import acmix.analysis.commands  # noqa: F401  (registers flops / analyze / inspect)
+
     parser = argparse.ArgumentParser(
         prog="acmix",
         description="ACmix: integration of self-attention and convolution (Pan et al., CVPR 2022).",
@@ -51,6 +53,355 @@ def list_models(args: argparse.Namespace) -> int:
 
     for name in timm.list_models(args.pattern):
         print(name)
+    return 0
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="the authors' checkpoint (.pth / .pt / .safetensors)")
+    p.add_argument("dst", help="output .safetensors file (written atomically)")
+    p.add_argument("--model", required=True, help="registered model name, e.g. acmix_resnet50")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture kwarg of the checkpoint's model, repeatable; VALUE is a Python "
+        "literal, e.g. --model-arg num_classes=10 --model-arg 'layers=(1,1,1,1)'",
+    )
+
+
+@command("convert", "convert an authors' checkpoint to a safetensors file our models load")(
+    _configure_convert
+)
+def convert(args: argparse.Namespace) -> int:
+    import ast
+
+    from acmix.models.convert import CheckpointError, convert_checkpoint
+
+    kwargs = {}
+    for item in args.model_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            print(f"acmix convert: --model-arg expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value  # a bare string, e.g. mixer=acmix
+    try:
+        sd = convert_checkpoint(args.src, args.dst, args.model, **kwargs)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"acmix convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dst}: {len(sd)} tensors for {args.model}")
+    return 0
+
+
+# -- training / evaluation commands (acmix.engine) --------------------------------------------
+
+_TRAIN_EPILOG = """\
+examples:
+  acmix train --config fmnist_tiny                      # a recipe from configs/
+  acmix train --config fmnist_tiny model.kwargs.mixer=conv train.epochs=3
+  acmix train --config imagenet_resnet --data-dir /data/imagenet model.name=acmix_resnet26
+  acmix train --config fmnist_tiny --resume runs/fmnist_tiny     # continue bit-exactly
+  torchrun --nproc_per_node 2 -m acmix train --config fmnist_tiny   # DDP (gloo on CPU)
+
+Overrides are SECTION.KEY=VALUE (values parsed as YAML); sections: model, data,
+aug, optim, sched, train. Unknown keys are an error naming the key. SIGINT / SIGTERM
+save a checkpoint and exit with status 128 + signal number.
+"""
+
+
+def _parse_literal_args(items: list[str], prog: str) -> dict | None:
+    """``KEY=VALUE`` strings -> kwargs (VALUE a Python literal, else a bare string)."""
+    import ast
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            print(f"acmix {prog}: expected KEY=VALUE, got {item!r}", file=sys.stderr)
+            return None
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str | tuple[str, object]]:
+    """The convenience flags of ``train`` / ``eval`` as config overrides."""
+    flags = {
+        "model": "model.name",
+        "dataset": "data.dataset",
+        "data_dir": "data.data_dir",
+        "epochs": "train.epochs",
+        "batch_size": "data.batch_size",
+        "lr": "optim.lr",
+        "output": "train.output",
+        "device": "train.device",
+        "amp": "train.amp",
+        "threads": "train.threads",
+        "seed": "train.seed",
+    }
+    out: list[str | tuple[str, object]] = []
+    for attr, key in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append((key, value))
+    return out
+
+
+def _add_common_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="timm model name (model.name), see `acmix list-models`")
+    p.add_argument(
+        "--dataset",
+        choices=("fashion-mnist", "digits", "folder"),
+        help="data.dataset: the embedded Fashion-MNIST, scikit-learn digits, or image folders",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="data.data_dir: Fashion-MNIST IDX directory, or an image-folder root with "
+        "train/<class>/*.jpg and val/<class>/*.jpg",
+    )
+    p.add_argument("--batch-size", type=int, help="data.batch_size (global, all processes)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="train.device")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="train.amp")
+    p.add_argument("--threads", type=int, help="train.threads: CPU threads per process")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="SECTION.KEY=VALUE",
+        help="config overrides, e.g. optim.lr=0.05 model.kwargs.mixer=conv",
+    )
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _TRAIN_EPILOG
+    p.add_argument(
+        "--config",
+        "-c",
+        help="YAML recipe: a path, or a name in configs/ (fmnist_tiny, imagenet_resnet, ...)",
+    )
+    p.add_argument(
+        "--resume",
+        help="continue from a checkpoint: run dir, checkpoints dir or manifest; "
+        "'auto' resumes from OUTPUT/checkpoints when there is one",
+    )
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--lr", type=float, help="optim.lr")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--output", "-o", help="train.output: the run directory")
+    _add_common_train_flags(p)
+
+
+def _report_error(prog: str, e: BaseException) -> int:
+    """Print ``e`` as the command's error; status 2 for a bad configuration, else 1."""
+    print(f"acmix {prog}: error: {e}", file=sys.stderr)
+    return 2 if type(e).__name__ == "ConfigError" else 1
+
+
+@command("train", "train a model from a YAML recipe (one process or torchrun / DDP)")(
+    _configure_train
+)
+def train_cmd(args: argparse.Namespace) -> int:
+    import signal
+
+    from acmix.data import DataError
+    from acmix.engine import CheckpointError, ConfigError, load_config, train
+
+    try:
+        cfg = load_config(args.config, _flag_overrides(args) + list(args.overrides))
+        result = train(cfg, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        return _report_error("train", e)
+    if result.stopped in ("SIGINT", "SIGTERM"):
+        return 128 + int(getattr(signal, result.stopped))
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+        if result.val:
+            v = result.val
+            print(
+                f"final: top-1 {v['top1']:.2f}%  top-5 {v['top5']:.2f}%  loss {v['loss']:.4f}  "
+                f"({v['count']} images); {result.images_per_s:.0f} train images/s"
+            )
+        for plot in result.plots:
+            print(f"plot: {plot}")
+    return 0
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", required=True, help="run dir, checkpoint dir, manifest or .safetensors"
+    )
+    p.add_argument(
+        "--config", "-c", help="recipe for the data (default: the one saved in the checkpoint)"
+    )
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_common_train_flags(p)
+
+
+@command("eval", "evaluate a checkpoint on the validation / test split")(_configure_eval)
+def eval_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from acmix.data import DataError, build_data
+    from acmix.engine import (
+        CheckpointError,
+        ConfigError,
+        apply_overrides,
+        config_from_dict,
+        config_to_dict,
+        evaluate,
+        load_config,
+        load_model,
+    )
+    from acmix.engine.distributed import cleanup_distributed, init_distributed
+
+    try:
+        loaded = load_model(args.checkpoint, args.model, ema=args.ema)
+        if args.config:
+            cfg = load_config(args.config, _flag_overrides(args) + list(args.overrides))
+        else:
+            base = loaded.manifest.get("config") or config_to_dict(load_config(None))
+            values = apply_overrides(base, _flag_overrides(args) + list(args.overrides))
+            cfg = config_from_dict(values)
+        info = init_distributed(cfg.train.device)
+        try:
+            data = build_data(cfg.data, cfg.aug, getattr(loaded.model, "pretrained_cfg", None))
+            if data.num_classes != getattr(loaded.model, "num_classes", data.num_classes):
+                raise ConfigError(
+                    f"the data has {data.num_classes} classes, the model {loaded.model.num_classes}"
+                )
+            model = loaded.model.to(info.device)
+            loader = data.val_loader(
+                cfg.data.eval_batch_size, info.rank, info.world_size, cfg.data.workers
+            )
+            amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
+            metrics = evaluate(model, loader, info, amp_dtype=amp)
+        finally:
+            cleanup_distributed()
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        return _report_error("eval", e)
+    if info.is_main:
+        if args.json:
+            print(json.dumps(metrics))
+        else:
+            print(
+                f"{loaded.name} on {cfg.data.dataset} ({metrics['count']} images): "
+                f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                f"loss {metrics['loss']:.4f}"
+            )
+    return 0
+
+
+def _configure_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument(
+        "--checkpoint", required=True, help="run dir, checkpoint dir, manifest or .safetensors"
+    )
+    p.add_argument("--model", help="timm model name (needed for a bare .safetensors file)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture kwarg for a bare .safetensors file (num_classes=10, in_chans=1, ...)",
+    )
+    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("predict", "classify image files with a trained checkpoint")(_configure_predict)
+def predict_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from acmix.engine import CheckpointError, load_model, predict_images
+
+    kwargs = _parse_literal_args(args.model_arg, "predict")
+    if kwargs is None:
+        return 2
+    try:
+        loaded = load_model(args.checkpoint, args.model, kwargs, ema=args.ema)
+        results = predict_images(loaded, args.images, args.topk)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        return _report_error("predict", e)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"image": str(img), "top": [{"class": c, "prob": p} for c, p in res]}
+                    for img, res in zip(args.images, results, strict=True)
+                ]
+            )
+        )
+        return 0
+    for img, res in zip(args.images, results, strict=True):
+        print(img)
+        for c, prob in res:
+            print(f"  {prob * 100:6.2f}%  {c}")
+    return 0
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    p.add_argument("--checkpoint", help="run dir, checkpoint dir, manifest or .safetensors")
+    p.add_argument("--model", help="timm model name (without a checkpoint: fresh weights)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture kwarg (num_classes=10, in_chans=1, mixer=conv, ...)",
+    )
+    p.add_argument("--img-size", type=int, help="trace size (default: the checkpoint's data)")
+    p.add_argument(
+        "--dynamic-hw",
+        action="store_true",
+        help="also make height / width dynamic (checked at a second size)",
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch"
+    )
+
+
+@command("export", "export a model to ONNX (dynamic batch), checked with onnxruntime")(
+    _configure_export
+)
+def export_cmd(args: argparse.Namespace) -> int:
+    from acmix.engine import CheckpointError, export_onnx, load_model
+
+    if args.checkpoint is None and args.model is None:
+        print("acmix export: error: give --checkpoint or --model", file=sys.stderr)
+        return 2
+    kwargs = _parse_literal_args(args.model_arg, "export")
+    if kwargs is None:
+        return 2
+    try:
+        loaded = load_model(args.checkpoint, args.model, kwargs, ema=args.ema)
+        size = args.img_size or int(loaded.data["img_size"])
+        in_chans = int(loaded.data.get("in_chans", kwargs.get("in_chans", 3)))
+        report = export_onnx(
+            loaded.model,
+            args.output,
+            (in_chans, size, size),
+            dynamic_hw=args.dynamic_hw,
+            opset=args.opset,
+            check=not args.no_check,
+        )
+    except (CheckpointError, FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+        return _report_error("export", e)
+    print(f"wrote {report.path} (dynamic batch{', height, width' if report.dynamic_hw else ''})")
+    for shape, err in report.checks:
+        print(f"  onnxruntime vs torch at {shape}: max |diff| = {err:.2e}")
     return 0
 
 

@@ -252,13 +252,14 @@ def plot_cost(rows: list[CostRow], path: str | Path) -> Path:
         chans = sorted({r.channels for r in sel})
         for mod in modules:
             pts = {r.channels: r for r in sel if r.module == mod}
-            if mod == modules[-1] or mod == modules[0]:
+            if mod in (modules[0], modules[-1]):
+                label = mod if mod == modules[0] else "attention & ACmix (3C², shared)"
                 ax.plot(
                     chans,
                     [pts[c].stage1_macs for c in chans],
                     "--",
                     marker="s",
-                    label=f"stage I: {mod}",
+                    label=f"stage I: {label}",
                 )
             ax.plot(
                 chans, [pts[c].stage2_macs for c in chans], marker="o", label=f"stage II: {mod}"

@@ -5,6 +5,8 @@ One configurable class per family; the token mixer is a config value
 same code.
 """
 
+# Model families (each registers its variants with timm on import):
+from acmix.models import pvt, resnet, san, swin, tiny  # noqa: F401
 from acmix.models._stats import (
     MODEL_STATS,
     TEST_CONFIGS,
@@ -14,8 +16,6 @@ from acmix.models._stats import (
     register_stats,
     register_test_config,
 )
-
-# Model families (each registers its variants with timm on import):
 
 __all__ = [
     "MODEL_STATS",
