@@ -264,28 +264,8 @@ def conv_path(
         ``(B, C_out, ceil(H / s), ceil(W / s))``; output channel ``o`` comes from
         within-head channel ``o // (C_out / d)``.
     """
-    B, M, d, H, W = qkv.shape
-    K2 = kernel * kernel
-    if (
-        shift_mode != "tensor"
-        and dep_weight is not None
-        and fc_bias is None
-        and qkv.device.type == "cpu"
-        and M * kernel * kernel * out_channels <= M * K2 * d + K2 * kernel * kernel * out_channels
-    ):
-        # fc and the group conv are both linear: fold fc into the kernels,
-        # W'[o, m] = sum_p W[o, p] fc[p, m], and run one grouped conv over the 3N
-        # head features (channels-last, channel j * 3N + m). Same MACs where the
-        # condition above holds (N <= 4 for k = 3), no (B, d*K2, H, W) intermediate.
-        # Only without an fc bias: a bias would not pass the zero padding unchanged.
-        w = fc_weight.reshape(K2, M).to(qkv.dtype)
-        fused = torch.einsum("opuv,pm->omuv", dep_weight.to(qkv.dtype), w)
-        x = qkv.new_empty(B, H, W, d, M)
-        x.copy_(qkv.permute(0, 3, 4, 2, 1))
-        x = x.view(B, H, W, d * M).permute(0, 3, 1, 2)  # (B, d*3N, H, W), channels-last
-        fused = fused.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, fused, None, stride=stride, padding=kernel // 2, groups=d)
     feats = conv_path_features(qkv, fc_weight, fc_bias)
+    d = qkv.shape[2]
     if shift_mode == "tensor":
         B, _, H, W = feats.shape
         return shift_sum(feats.view(B, d, kernel * kernel, H, W), kernel, stride, out_channels // d)
