@@ -65,10 +65,9 @@ def test_rates_and_contributions(tmp_path) -> None:
     layer = net[0]
     w, b = layer.qkv_weight()
     B = 2
-    heads = torch.nn.functional.conv2d(x, w, b).view(B, 6, 4, 9, 9)
-    q, k, v = heads.view(B, 3, 2, 4, 9, 9).unbind(1)
-    att = layer._attention(q, k, v)
-    conv = layer.forward_conv_path(heads)
+    qkv = torch.nn.functional.conv2d(x, w, b)
+    att = layer._attention(qkv)
+    conv = layer.forward_conv_path(qkv.view(B, 6, 4, 9, 9))
     assert measured[0].att_magnitude == pytest.approx((0.25 * att).abs().mean().item(), rel=1e-5)
     assert measured[0].conv_magnitude == pytest.approx((0.5 * conv).abs().mean().item(), rel=1e-5)
     assert "mix" not in vars(layer)  # the instrumentation is removed again

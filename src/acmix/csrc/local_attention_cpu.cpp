@@ -1,18 +1,21 @@
 // Fused local (sliding-window) dot-product attention for CPU: forward and backward.
 //
-// Layout: NCHW per head plane. For a plane (one batch item and head):
-//   q      (d, Ho, Wo)   queries at the output positions, already scaled
-//   k_pad  (d, Hp, Wp)   padded keys (positional term included)
-//   v_pad  (d, Hp, Wp)   padded values
-//   bias   (K2, Ho, Wo)  optional additive logits bias (masked zero padding)
-// Window position p = (oy, ox) = (p / k, p % k) of query (i, j) reads padded pixel
-// (i * s + oy, j * s + ox).
+// Reads queries, keys and values straight from the fused projection
+// qkv (B, 3C, H, W), channel which * C + head * d + j, and the positional
+// encoding pe (d, H, W). For query pixel (i*s, j*s) and window position
+// p = (oy, ox) the key pixel is (i*s + oy - r, j*s + ox - r), r = k // 2:
+//   reflect mode: out-of-image coordinates are reflected (border keys can
+//                 appear twice and then count twice, as in the authors' code);
+//   zeros mode:   out-of-image keys are excluded from the softmax.
+// logit = scale * q_c . (k_n - pe_n)   (q_c . pe_c is constant over the window
+// and cancels in the softmax).
 //
-// Work is done one output row at a time with the row's K2 logits in a small
-// buffer, vectorised over the row (the innermost loops run over contiguous
-// columns). No window tensor is materialised. The forward returns the row
-// log-sum-exp; the backward recomputes the attention weights from it
-// (flash-attention style), so only q, k_pad, v_pad and lse are kept for backward.
+// Padding is done by index arithmetic: no padded copies, no window tensor. A
+// row of output is processed at a time with its k*k logits in a small buffer,
+// vectorised over the row's interior columns. The forward returns the
+// log-sum-exp; the backward recomputes the weights from it and writes the
+// gradient of qkv in one buffer (and the keys' gradient, from which the
+// caller derives pe's).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,46 +26,127 @@
 
 namespace {
 
-template <typename T>
-struct Plane {
-  const T* q;      // (d, Ho, Wo)
-  const T* k;      // (d, Hp, Wp)
-  const T* v;      // (d, Hp, Wp)
-  const T* bias;   // (K2, Ho, Wo) or nullptr
-  int64_t d, Ho, Wo, Hp, Wp, kernel, stride;
+struct Geometry {
+  int64_t B, N, d, H, W, Ho, Wo, kernel, stride, r;
+  bool zeros;  // masked zero padding (else reflection)
 };
 
-// logits[p * Wo + j] for output row i.
-template <typename T>
-inline void row_logits(const Plane<T>& P, int64_t i, T* __restrict__ logits) {
-  const int64_t K2 = P.kernel * P.kernel, Wo = P.Wo, s = P.stride;
-  const int64_t qplane = P.Ho * P.Wo, kplane = P.Hp * P.Wp;
-  for (int64_t p = 0; p < K2; ++p) {
-    const int64_t oy = p / P.kernel, ox = p % P.kernel;
-    T* __restrict__ L = logits + p * Wo;
-    if (P.bias) {
-      const T* b = P.bias + p * qplane + i * Wo;
-      for (int64_t j = 0; j < Wo; ++j) L[j] = b[j];
-    } else {
-      for (int64_t j = 0; j < Wo; ++j) L[j] = T(0);
-    }
-    for (int64_t c = 0; c < P.d; ++c) {
-      const T* __restrict__ qr = P.q + c * qplane + i * Wo;
-      const T* __restrict__ kr = P.k + c * kplane + (i * s + oy) * P.Wp + ox;
-      if (s == 1) {
-#pragma omp simd
-        for (int64_t j = 0; j < Wo; ++j) L[j] += qr[j] * kr[j];
-      } else {
-        for (int64_t j = 0; j < Wo; ++j) L[j] += qr[j] * kr[j * s];
+inline int64_t reflect(int64_t x, int64_t n) {
+  if (x < 0) return -x;
+  if (x >= n) return 2 * (n - 1) - x;
+  return x;
+}
+
+// Source index of a padded coordinate, or -1 where masked.
+inline int64_t source(int64_t x, int64_t n, bool zeros) {
+  if (x >= 0 && x < n) return x;
+  return zeros ? -1 : reflect(x, n);
+}
+
+// Column plan for one window column offset ox: output columns [lo, hi) read
+// source columns j*s + ox - r directly; the others go through `map`.
+struct ColumnPlan {
+  int64_t lo, hi;
+  std::vector<int64_t> map;  // source column for every output column (-1: masked)
+};
+
+std::vector<ColumnPlan> column_plans(const Geometry& g) {
+  std::vector<ColumnPlan> plans(g.kernel);
+  for (int64_t ox = 0; ox < g.kernel; ++ox) {
+    ColumnPlan& pl = plans[ox];
+    pl.map.resize(g.Wo);
+    pl.lo = g.Wo;
+    pl.hi = 0;
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      const int64_t x = j * g.stride + ox - g.r;
+      pl.map[j] = source(x, g.W, g.zeros);
+      if (x >= 0 && x < g.W) {
+        pl.lo = std::min(pl.lo, j);
+        pl.hi = std::max(pl.hi, j + 1);
       }
     }
+    if (pl.lo >= pl.hi) pl.lo = pl.hi = 0;
+  }
+  return plans;
+}
+
+template <typename T>
+struct Plane {
+  const T* q;   // (d, H, W)
+  const T* k;   // (d, H, W)
+  const T* v;   // (d, H, W)
+  const T* pe;  // (d, H, W) or nullptr
+};
+
+template <typename T>
+inline Plane<T> plane(const T* qkv, const T* pe, const Geometry& g, int64_t bn) {
+  const int64_t b = bn / g.N, n = bn % g.N, HW = g.H * g.W, C = g.N * g.d;
+  const T* base = qkv + (b * 3 * C + n * g.d) * HW;
+  return {base, base + C * HW, base + 2 * C * HW, pe};
+}
+
+// logits[p * Wo + j] of output row i (masked entries: -inf).
+template <typename T>
+void row_logits(const Plane<T>& P, const Geometry& g, const std::vector<ColumnPlan>& plans,
+                int64_t i, T scale, T* __restrict__ logits, T* __restrict__ qrow) {
+  const int64_t K2 = g.kernel * g.kernel, Wo = g.Wo, s = g.stride, HW = g.H * g.W;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t qy = i * s;
+  // The scaled query row at the output positions, all channels: qrow[c * Wo + j].
+  for (int64_t c = 0; c < g.d; ++c) {
+    const T* qsrc = P.q + c * HW + qy * g.W;
+    T* qr = qrow + c * Wo;
+    for (int64_t j = 0; j < Wo; ++j) qr[j] = qsrc[j * s] * scale;
+  }
+  for (int64_t p = 0; p < K2; ++p) {
+    const int64_t oy = p / g.kernel, ox = p % g.kernel;
+    T* __restrict__ L = logits + p * Wo;
+    const int64_t y = source(qy + oy - g.r, g.H, g.zeros);
+    const ColumnPlan& pl = plans[ox];
+    for (int64_t j = 0; j < Wo; ++j) L[j] = T(0);
+    if (y < 0) {
+      for (int64_t j = 0; j < Wo; ++j) L[j] = neg_inf;
+      continue;
+    }
+    for (int64_t c = 0; c < g.d; ++c) {
+      const T* __restrict__ qr = qrow + c * Wo;
+      const T* __restrict__ krow = P.k + c * HW + y * g.W;
+      const T* __restrict__ prow = P.pe ? P.pe + c * HW + y * g.W : nullptr;
+      const int64_t off = ox - g.r;
+      if (s == 1) {
+        if (prow) {
+#pragma omp simd
+          for (int64_t j = pl.lo; j < pl.hi; ++j) L[j] += qr[j] * (krow[j + off] - prow[j + off]);
+        } else {
+#pragma omp simd
+          for (int64_t j = pl.lo; j < pl.hi; ++j) L[j] += qr[j] * krow[j + off];
+        }
+      } else {
+        for (int64_t j = pl.lo; j < pl.hi; ++j) {
+          const int64_t x = j * s + off;
+          L[j] += qr[j] * (krow[x] - (prow ? prow[x] : T(0)));
+        }
+      }
+      for (int64_t j = 0; j < pl.lo; ++j) {
+        const int64_t x = pl.map[j];
+        if (x >= 0) L[j] += qr[j] * (krow[x] - (prow ? prow[x] : T(0)));
+      }
+      for (int64_t j = pl.hi; j < Wo; ++j) {
+        const int64_t x = pl.map[j];
+        if (x >= 0) L[j] += qr[j] * (krow[x] - (prow ? prow[x] : T(0)));
+      }
+    }
+    for (int64_t j = 0; j < pl.lo; ++j)
+      if (pl.map[j] < 0) L[j] = neg_inf;
+    for (int64_t j = pl.hi; j < Wo; ++j)
+      if (pl.map[j] < 0) L[j] = neg_inf;
   }
 }
 
-// In place: logits -> attention weights; writes the log-sum-exp per column.
+// In place: logits -> weights; writes the log-sum-exp per column.
 template <typename T>
-inline void row_softmax(T* __restrict__ a, int64_t K2, int64_t Wo, T* __restrict__ lse,
-                        T* __restrict__ mx, T* __restrict__ sum) {
+void row_softmax(T* __restrict__ a, int64_t K2, int64_t Wo, T* __restrict__ lse,
+                 T* __restrict__ mx, T* __restrict__ sum) {
   for (int64_t j = 0; j < Wo; ++j) mx[j] = -std::numeric_limits<T>::infinity();
   for (int64_t p = 0; p < K2; ++p) {
     const T* L = a + p * Wo;
@@ -72,57 +156,71 @@ inline void row_softmax(T* __restrict__ a, int64_t K2, int64_t Wo, T* __restrict
   for (int64_t p = 0; p < K2; ++p) {
     T* __restrict__ L = a + p * Wo;
 #pragma omp simd
-    for (int64_t j = 0; j < Wo; ++j) {
-      L[j] = std::exp(L[j] - mx[j]);
-    }
-#pragma omp simd
+    for (int64_t j = 0; j < Wo; ++j) L[j] = std::exp(L[j] - mx[j]);
     for (int64_t j = 0; j < Wo; ++j) sum[j] += L[j];
   }
   for (int64_t j = 0; j < Wo; ++j) {
-    const T inv = T(1) / sum[j];
     lse[j] = mx[j] + std::log(sum[j]);
-    sum[j] = inv;
+    sum[j] = T(1) / sum[j];
   }
   for (int64_t p = 0; p < K2; ++p) {
-    T* L = a + p * Wo;
+    T* __restrict__ L = a + p * Wo;
     for (int64_t j = 0; j < Wo; ++j) L[j] *= sum[j];
   }
 }
 
+// acc[j] += w[j] * src[col(j)] over a row, following the column plan.
 template <typename T>
-void forward_impl(const at::Tensor& q, const at::Tensor& k_pad, const at::Tensor& v_pad,
-                  const at::Tensor& bias, int64_t kernel, int64_t stride, at::Tensor& out,
-                  at::Tensor& lse) {
-  const int64_t BN = q.size(0), d = q.size(1), Ho = q.size(2), Wo = q.size(3);
-  const int64_t Hp = k_pad.size(2), Wp = k_pad.size(3), K2 = kernel * kernel;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_pad.data_ptr<T>();
-  const T* vp = v_pad.data_ptr<T>();
-  const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  T* op = out.data_ptr<T>();
-  T* lp = lse.data_ptr<T>();
-  const int64_t qplane = Ho * Wo, kplane = Hp * Wp;
-  at::parallel_for(0, BN * Ho, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> a(K2 * Wo), mx(Wo), sum(Wo);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t bn = r / Ho, i = r % Ho;
-      Plane<T> P{qp + bn * d * qplane, kp + bn * d * kplane, vp + bn * d * kplane, bp,
-                 d, Ho, Wo, Hp, Wp, kernel, stride};
-      row_logits(P, i, a.data());
-      row_softmax(a.data(), K2, Wo, lp + bn * qplane + i * Wo, mx.data(), sum.data());
-      for (int64_t c = 0; c < d; ++c) {
-        T* __restrict__ orow = op + (bn * d + c) * qplane + i * Wo;
+inline void gather_axpy(const ColumnPlan& pl, int64_t off, int64_t s, int64_t Wo,
+                        const T* __restrict__ w, const T* __restrict__ src, T* __restrict__ acc) {
+  if (s == 1) {
+#pragma omp simd
+    for (int64_t j = pl.lo; j < pl.hi; ++j) acc[j] += w[j] * src[j + off];
+  } else {
+    for (int64_t j = pl.lo; j < pl.hi; ++j) acc[j] += w[j] * src[j * s + off];
+  }
+  for (int64_t j = 0; j < pl.lo; ++j)
+    if (pl.map[j] >= 0) acc[j] += w[j] * src[pl.map[j]];
+  for (int64_t j = pl.hi; j < Wo; ++j)
+    if (pl.map[j] >= 0) acc[j] += w[j] * src[pl.map[j]];
+}
+
+// dst[col(j)] += w[j] * val[j] over a row (the transpose of gather_axpy).
+template <typename T>
+inline void scatter_axpy(const ColumnPlan& pl, int64_t off, int64_t s, int64_t Wo,
+                         const T* __restrict__ w, const T* __restrict__ val, T* __restrict__ dst) {
+  if (s == 1) {
+#pragma omp simd
+    for (int64_t j = pl.lo; j < pl.hi; ++j) dst[j + off] += w[j] * val[j];
+  } else {
+    for (int64_t j = pl.lo; j < pl.hi; ++j) dst[j * s + off] += w[j] * val[j];
+  }
+  for (int64_t j = 0; j < pl.lo; ++j)
+    if (pl.map[j] >= 0) dst[pl.map[j]] += w[j] * val[j];
+  for (int64_t j = pl.hi; j < Wo; ++j)
+    if (pl.map[j] >= 0) dst[pl.map[j]] += w[j] * val[j];
+}
+
+template <typename T>
+void forward_impl(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T* lse) {
+  const int64_t K2 = g.kernel * g.kernel, Wo = g.Wo, HW = g.H * g.W, oplane = g.Ho * g.Wo;
+  const auto plans = column_plans(g);
+  at::parallel_for(0, g.B * g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> a(K2 * Wo), mx(Wo), sum(Wo), qrow(g.d * Wo);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bn = row / g.Ho, i = row % g.Ho;
+      const Plane<T> P = plane(qkv, pe, g, bn);
+      row_logits(P, g, plans, i, scale, a.data(), qrow.data());
+      row_softmax(a.data(), K2, Wo, lse + bn * oplane + i * Wo, mx.data(), sum.data());
+      for (int64_t c = 0; c < g.d; ++c) {
+        T* __restrict__ orow = out + (bn * g.d + c) * oplane + i * Wo;
         for (int64_t j = 0; j < Wo; ++j) orow[j] = T(0);
         for (int64_t p = 0; p < K2; ++p) {
-          const int64_t oy = p / kernel, ox = p % kernel;
-          const T* __restrict__ A = a.data() + p * Wo;
-          const T* __restrict__ vr = P.v + c * kplane + (i * stride + oy) * Wp + ox;
-          if (stride == 1) {
-#pragma omp simd
-            for (int64_t j = 0; j < Wo; ++j) orow[j] += A[j] * vr[j];
-          } else {
-            for (int64_t j = 0; j < Wo; ++j) orow[j] += A[j] * vr[j * stride];
-          }
+          const int64_t oy = p / g.kernel, ox = p % g.kernel;
+          const int64_t y = source(i * g.stride + oy - g.r, g.H, g.zeros);
+          if (y < 0) continue;
+          gather_axpy(plans[ox], ox - g.r, g.stride, Wo, a.data() + p * Wo,
+                      P.v + c * HW + y * g.W, orow);
         }
       }
     }
@@ -130,68 +228,44 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k_pad, const at::Tensor
 }
 
 template <typename T>
-void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_pad,
-                   const at::Tensor& v_pad, const at::Tensor& bias, const at::Tensor& lse,
-                   int64_t kernel, int64_t stride, at::Tensor& grad_q, at::Tensor& grad_k,
-                   at::Tensor& grad_v) {
-  const int64_t BN = q.size(0), d = q.size(1), Ho = q.size(2), Wo = q.size(3);
-  const int64_t Hp = k_pad.size(2), Wp = k_pad.size(3), K2 = kernel * kernel;
-  const T* gp = grad_out.data_ptr<T>();
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_pad.data_ptr<T>();
-  const T* vp = v_pad.data_ptr<T>();
-  const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  const T* lp = lse.data_ptr<T>();
-  T* gq = grad_q.data_ptr<T>();
-  T* gk = grad_k.data_ptr<T>();
-  T* gv = grad_v.data_ptr<T>();
-  const int64_t qplane = Ho * Wo, kplane = Hp * Wp;
-  const int64_t s = stride;
-  // Keys and values of neighbouring rows overlap: one task per plane, no write races.
-  at::parallel_for(0, BN, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> a(K2 * Wo), da(K2 * Wo), D(Wo);
+void backward_impl(const T* grad_out, const T* qkv, const T* pe, const T* lse, const Geometry& g,
+                   T scale, T* grad_qkv) {
+  const int64_t K2 = g.kernel * g.kernel, Wo = g.Wo, HW = g.H * g.W, oplane = g.Ho * g.Wo;
+  const int64_t C = g.N * g.d, s = g.stride;
+  const auto plans = column_plans(g);
+  // One task per (batch, head) plane: its keys and values are written by no other.
+  at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> a(K2 * Wo), da(K2 * Wo), D(Wo), qrow(g.d * Wo), tmp(Wo), tmp2(Wo);
     for (int64_t bn = begin; bn < end; ++bn) {
-      Plane<T> P{qp + bn * d * qplane, kp + bn * d * kplane, vp + bn * d * kplane, bp,
-                 d, Ho, Wo, Hp, Wp, kernel, stride};
-      const T* G = gp + bn * d * qplane;
-      T* GQ = gq + bn * d * qplane;
-      T* GK = gk + bn * d * kplane;
-      T* GV = gv + bn * d * kplane;
-      for (int64_t i = 0; i < Ho; ++i) {
-        // Attention weights from the saved log-sum-exp.
-        row_logits(P, i, a.data());
-        const T* l = lp + bn * qplane + i * Wo;
+      const Plane<T> P = plane(qkv, pe, g, bn);
+      const int64_t b = bn / g.N, n = bn % g.N;
+      T* GQ = grad_qkv + (b * 3 * C + n * g.d) * HW;
+      T* GK = GQ + C * HW;
+      T* GV = GQ + 2 * C * HW;
+      const T* G = grad_out + bn * g.d * oplane;
+      for (int64_t i = 0; i < g.Ho; ++i) {
+        row_logits(P, g, plans, i, scale, a.data(), qrow.data());
+        const T* l = lse + bn * oplane + i * Wo;
         for (int64_t p = 0; p < K2; ++p) {
           T* __restrict__ A = a.data() + p * Wo;
 #pragma omp simd
           for (int64_t j = 0; j < Wo; ++j) A[j] = std::exp(A[j] - l[j]);
         }
-        // dA[p, j] = sum_c g[c, j] v[c, p, j];  dV[c, p, j] += a[p, j] g[c, j].
+        // dA[p, j] = sum_c g[c, j] v[c, src];  dV[c, src] += a[p, j] g[c, j].
         for (int64_t x = 0; x < K2 * Wo; ++x) da[x] = T(0);
-        for (int64_t c = 0; c < d; ++c) {
-          const T* __restrict__ grow = G + c * qplane + i * Wo;
+        for (int64_t c = 0; c < g.d; ++c) {
+          const T* grow = G + c * oplane + i * Wo;
           for (int64_t p = 0; p < K2; ++p) {
-            const int64_t oy = p / kernel, ox = p % kernel;
-            const int64_t off = c * kplane + (i * s + oy) * Wp + ox;
-            const T* __restrict__ vr = P.v + off;
-            T* __restrict__ gvr = GV + off;
-            const T* __restrict__ A = a.data() + p * Wo;
-            T* __restrict__ DA = da.data() + p * Wo;
-            if (s == 1) {
-#pragma omp simd
-              for (int64_t j = 0; j < Wo; ++j) {
-                DA[j] += grow[j] * vr[j];
-                gvr[j] += A[j] * grow[j];
-              }
-            } else {
-              for (int64_t j = 0; j < Wo; ++j) {
-                DA[j] += grow[j] * vr[j * s];
-                gvr[j * s] += A[j] * grow[j];
-              }
-            }
+            const int64_t oy = p / g.kernel, ox = p % g.kernel;
+            const int64_t y = source(i * s + oy - g.r, g.H, g.zeros);
+            if (y < 0) continue;
+            gather_axpy(plans[ox], ox - g.r, s, Wo, grow, P.v + c * HW + y * g.W,
+                        da.data() + p * Wo);
+            scatter_axpy(plans[ox], ox - g.r, s, Wo, a.data() + p * Wo, grow,
+                         GV + c * HW + y * g.W);
           }
         }
-        // Softmax backward: dlogit = a * (dA - sum_p a dA).
+        // Softmax backward: dlogit = a * (dA - sum_p a dA); masked entries have a = 0.
         for (int64_t j = 0; j < Wo; ++j) D[j] = T(0);
         for (int64_t p = 0; p < K2; ++p) {
           const T* A = a.data() + p * Wo;
@@ -201,85 +275,92 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         for (int64_t p = 0; p < K2; ++p) {
           const T* A = a.data() + p * Wo;
           T* DA = da.data() + p * Wo;
-          for (int64_t j = 0; j < Wo; ++j) DA[j] = A[j] * (DA[j] - D[j]);
+          for (int64_t j = 0; j < Wo; ++j) DA[j] = A[j] * (DA[j] - D[j]) * scale;
         }
-        // dq[c, j] = sum_p dl[p, j] k[c, p, j];  dK[c, p, j] += dl[p, j] q[c, j].
-        for (int64_t c = 0; c < d; ++c) {
-          const T* __restrict__ qr = P.q + c * qplane + i * Wo;
-          T* __restrict__ gqr = GQ + c * qplane + i * Wo;
-          for (int64_t p = 0; p < K2; ++p) {
-            const int64_t oy = p / kernel, ox = p % kernel;
-            const int64_t off = c * kplane + (i * s + oy) * Wp + ox;
-            const T* __restrict__ kr = P.k + off;
-            T* __restrict__ gkr = GK + off;
-            const T* __restrict__ DL = da.data() + p * Wo;
-            if (s == 1) {
-#pragma omp simd
-              for (int64_t j = 0; j < Wo; ++j) {
-                gqr[j] += DL[j] * kr[j];
-                gkr[j] += DL[j] * qr[j];
-              }
-            } else {
-              for (int64_t j = 0; j < Wo; ++j) {
-                gqr[j] += DL[j] * kr[j * s];
-                gkr[j * s] += DL[j] * qr[j];
-              }
-            }
+        // dq[c, j] = sum_p dl[p, j] (k - pe)[c, src];  dK[c, src] += dl[p, j] q[c, j].
+        for (int64_t c = 0; c < g.d; ++c) {
+          const T* qsrc = P.q + c * HW + i * s * g.W;
+          for (int64_t j = 0; j < Wo; ++j) {
+            qrow[j] = qsrc[j * s];
+            tmp[j] = T(0);
+            tmp2[j] = T(0);
           }
+          for (int64_t p = 0; p < K2; ++p) {
+            const int64_t oy = p / g.kernel, ox = p % g.kernel;
+            const int64_t y = source(i * s + oy - g.r, g.H, g.zeros);
+            if (y < 0) continue;
+            const T* DL = da.data() + p * Wo;
+            const int64_t off = ox - g.r;
+            gather_axpy(plans[ox], off, s, Wo, DL, P.k + c * HW + y * g.W, tmp.data());
+            if (P.pe) gather_axpy(plans[ox], off, s, Wo, DL, P.pe + c * HW + y * g.W, tmp2.data());
+            scatter_axpy(plans[ox], off, s, Wo, DL, qrow.data(), GK + c * HW + y * g.W);
+          }
+          T* gq = GQ + c * HW + i * s * g.W;
+          for (int64_t j = 0; j < Wo; ++j) gq[j * s] += tmp[j] - tmp2[j];
         }
       }
     }
   });
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k_pad, const at::Tensor& v_pad,
-                  const at::Tensor& bias, int64_t kernel, int64_t stride) {
-  TORCH_CHECK(q.device().is_cpu(), "local_attention_cpu: tensors must be on the CPU");
-  TORCH_CHECK(q.dim() == 4 && k_pad.dim() == 4 && v_pad.dim() == 4,
-              "local_attention_cpu: q, k_pad, v_pad must be (BN, d, H, W)");
-  TORCH_CHECK(q.is_contiguous() && k_pad.is_contiguous() && v_pad.is_contiguous(),
-              "local_attention_cpu: inputs must be contiguous");
-  TORCH_CHECK(k_pad.sizes() == v_pad.sizes(), "local_attention_cpu: k_pad and v_pad differ");
-  TORCH_CHECK(q.scalar_type() == k_pad.scalar_type() && q.scalar_type() == v_pad.scalar_type(),
-              "local_attention_cpu: dtypes differ");
-  TORCH_CHECK((q.size(2) - 1) * stride + kernel <= k_pad.size(2) &&
-                  (q.size(3) - 1) * stride + kernel <= k_pad.size(3),
-              "local_attention_cpu: padded maps too small for the output size");
-  if (bias.defined()) {
-    TORCH_CHECK(bias.is_contiguous() && bias.scalar_type() == q.scalar_type() &&
-                    bias.size(0) == kernel * kernel && bias.size(1) == q.size(2) &&
-                    bias.size(2) == q.size(3),
-                "local_attention_cpu: bias must be contiguous (K2, Ho, Wo) of q's dtype");
-  }
+Geometry geometry(const at::Tensor& qkv, int64_t heads, int64_t kernel, int64_t stride,
+                  bool zeros) {
+  TORCH_CHECK(qkv.device().is_cpu(), "local_attention_cpu: tensors must be on the CPU");
+  TORCH_CHECK(qkv.dim() == 4 && qkv.is_contiguous(),
+              "local_attention_cpu: qkv must be a contiguous (B, 3C, H, W) tensor");
+  TORCH_CHECK(qkv.size(1) % (3 * heads) == 0, "local_attention_cpu: 3C not divisible by 3 heads");
+  TORCH_CHECK(kernel % 2 == 1 && kernel >= 1 && stride >= 1,
+              "local_attention_cpu: kernel must be odd and stride >= 1");
+  Geometry g;
+  g.B = qkv.size(0);
+  g.N = heads;
+  g.d = qkv.size(1) / (3 * heads);
+  g.H = qkv.size(2);
+  g.W = qkv.size(3);
+  g.kernel = kernel;
+  g.stride = stride;
+  g.r = kernel / 2;
+  g.zeros = zeros;
+  g.Ho = (g.H + stride - 1) / stride;
+  g.Wo = (g.W + stride - 1) / stride;
+  TORCH_CHECK(zeros || (g.r < g.H && g.r < g.W),
+              "local_attention_cpu: map too small for reflection padding");
+  return g;
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k_pad,
-                                const at::Tensor& v_pad, const c10::optional<at::Tensor>& bias,
-                                int64_t kernel, int64_t stride) {
-  at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  check_inputs(q, k_pad, v_pad, b, kernel, stride);
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(3)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "local_attention_cpu_forward", [&] {
-    forward_impl<scalar_t>(q, k_pad, v_pad, b, kernel, stride, out, lse);
+std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::Tensor>& pe,
+                                int64_t heads, int64_t kernel, int64_t stride, bool zeros,
+                                double scale) {
+  const Geometry g = geometry(qkv, heads, kernel, stride, zeros);
+  if (pe.has_value()) {
+    TORCH_CHECK(pe->is_contiguous() && pe->numel() == g.d * g.H * g.W &&
+                    pe->scalar_type() == qkv.scalar_type(),
+                "local_attention_cpu: pe must be a contiguous (d, H, W) tensor of qkv's dtype");
+  }
+  at::Tensor out = at::empty({g.B, g.N * g.d, g.Ho, g.Wo}, qkv.options());
+  at::Tensor lse = at::empty({g.B, g.N, g.Ho, g.Wo}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_forward", [&] {
+    forward_impl<scalar_t>(qkv.data_ptr<scalar_t>(),
+                           pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr, g,
+                           static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(),
+                           lse.data_ptr<scalar_t>());
   });
   return {out, lse};
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                 const at::Tensor& k_pad, const at::Tensor& v_pad,
-                                 const c10::optional<at::Tensor>& bias, const at::Tensor& lse,
-                                 int64_t kernel, int64_t stride) {
-  at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  check_inputs(q, k_pad, v_pad, b, kernel, stride);
-  at::Tensor g = grad_out.contiguous();
-  at::Tensor grad_q = at::zeros_like(q);
-  at::Tensor grad_k = at::zeros_like(k_pad);
-  at::Tensor grad_v = at::zeros_like(v_pad);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "local_attention_cpu_backward", [&] {
-    backward_impl<scalar_t>(g, q, k_pad, v_pad, b, lse, kernel, stride, grad_q, grad_k, grad_v);
+at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& qkv,
+                    const c10::optional<at::Tensor>& pe, const at::Tensor& lse, int64_t heads,
+                    int64_t kernel, int64_t stride, bool zeros, double scale) {
+  const Geometry g = geometry(qkv, heads, kernel, stride, zeros);
+  at::Tensor go = grad_out.contiguous();
+  at::Tensor grad_qkv = at::zeros_like(qkv);
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_backward", [&] {
+    backward_impl<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
+                            pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr,
+                            lse.data_ptr<scalar_t>(), g, static_cast<scalar_t>(scale),
+                            grad_qkv.data_ptr<scalar_t>());
   });
-  return {grad_q, grad_k, grad_v};
+  return grad_qkv;
 }
 
 }  // namespace

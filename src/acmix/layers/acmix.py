@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acmix.layers.attention import ATTN_WEIGHTS, BACKENDS, local_attention
+from acmix.layers.attention import ATTN_WEIGHTS, BACKENDS, local_attention_qkv
 from acmix.layers.checks import (
     check_channels,
     check_choice,
@@ -321,29 +321,27 @@ class ACmix(ACmixBase):
         w, b = self.qkv_weight()
         qkv = F.conv2d(x, w, b)
         heads = qkv.view(B, 3 * N, d, H, W)  # group which*N + head
-        q, k, v = heads.view(B, 3, N, d, H, W).unbind(1)  # each (B, N, d, H, W)
 
         # Stage II: both paths read the same projections.
-        att = self._attention(q, k, v) if self.use_att else None  # (B, C_out, H', W')
+        att = self._attention(qkv) if self.use_att else None  # (B, C_out, H', W')
         conv = self.forward_conv_path(heads)  # (B, C_out, H', W') or None
         return self.mix(att, conv)
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention path: q/k/v ``(B, N, d, H, W)`` -> ``(B, C_out, H', W')``."""
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention path: fused projection ``(B, 3 C_out, H, W)`` -> ``(B, C_out, H', W')``."""
         assert self.conv_p is not None
-        B, _, _, H, W = q.shape
+        H, W = qkv.shape[-2:]
         padding = resolve_padding(self.padding_mode, self.kernel_att, H, W)
         # Positional encoding (1, d, H, W) in the activations' dtype and device.
-        grid = position_grid(H, W, dtype=q.dtype, device=q.device)
-        pe = F.conv2d(grid, self.conv_p.weight.to(q.dtype), self.conv_p.bias.to(q.dtype))
+        grid = position_grid(H, W, dtype=qkv.dtype, device=qkv.device)
+        pe = F.conv2d(grid, self.conv_p.weight.to(qkv.dtype), self.conv_p.bias.to(qkv.dtype))
         mlp = None
         if self.attn_mlp is not None:
             fc1, _, fc2 = self.attn_mlp
-            mlp = (fc1.weight.to(q.dtype), fc1.bias.to(q.dtype), fc2.weight[0].to(q.dtype))
-        att = local_attention(
-            q, k, v, self.kernel_att, self.stride, padding, pe, mlp=mlp, backend=self.backend
-        )  # (B, N, d, H', W')
-        return att.reshape(B, self.out_planes, att.shape[-2], att.shape[-1])
+            mlp = (fc1.weight.to(qkv.dtype), fc1.bias.to(qkv.dtype), fc2.weight[0].to(qkv.dtype))
+        return local_attention_qkv(
+            qkv, self.head, self.kernel_att, self.stride, padding, pe, mlp=mlp, backend=self.backend
+        )
 
 
 class ACmixConv2d(ACmix):

@@ -58,6 +58,7 @@ __all__ = [
     "ATTN_WEIGHTS",
     "BACKENDS",
     "local_attention",
+    "local_attention_qkv",
     "local_attention_reference",
 ]
 
@@ -284,6 +285,66 @@ def _shift_attention_mlp(
     return out
 
 
+def _cpp_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    kernel: int,
+    stride: int,
+    padding: str,
+    pe: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """The fused CPU kernel on ``qkv (B, 3C, H, W)``: returns ``(B, C, H', W')``."""
+    B, C3, H, W = qkv.shape
+    d = C3 // (3 * heads)
+    pe_c = None if pe is None else pe.reshape(d, H, W).to(qkv.dtype).contiguous()
+    s = d**-0.5 if scale is None else scale
+    return CppLocalAttention.apply(
+        qkv.contiguous(), pe_c, heads, kernel, stride, padding == "zeros", float(s)
+    )
+
+
+def local_attention_qkv(
+    qkv: torch.Tensor,
+    heads: int,
+    kernel: int,
+    stride: int = 1,
+    padding: str = "reflect",
+    pe: torch.Tensor | None = None,
+    scale: float | None = None,
+    mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`local_attention` on a fused projection, without splitting it where possible.
+
+    Args:
+        qkv: ``(B, 3C, H, W)``, channel ``which * C + head * d + j``.
+        heads: number of heads ``N``.
+        kernel, stride, padding, pe, scale, mlp, backend: as :func:`local_attention`.
+
+    Returns:
+        ``(B, C, H', W')``.
+    """
+    B, C3, H, W = qkv.shape
+    if C3 % (3 * heads):
+        raise ValueError(f"qkv has {C3} channels, not a multiple of 3 * heads = {3 * heads}")
+    d = C3 // (3 * heads)
+    check_choice("backend", backend, BACKENDS)
+    check_choice("padding", padding, ("reflect", "zeros"))
+    if mlp is None and _use_cpp(backend, qkv):
+        kernel = check_odd_kernel("kernel", kernel)
+        stride = check_positive_int("stride", stride)
+        if padding == "reflect" and (kernel // 2 >= H or kernel // 2 >= W):
+            raise ValueError(
+                f"the {H}x{W} map is too small for reflection padding of a {kernel}x{kernel} "
+                f"window; use padding='zeros' (masked)"
+            )
+        return _cpp_attention(qkv, heads, kernel, stride, padding, pe, scale)
+    q, k, v = qkv.view(B, 3, heads, d, H, W).unbind(1)
+    out = local_attention(q, k, v, kernel, stride, padding, pe, scale, mlp, backend)
+    return out.reshape(B, heads * d, out.shape[-2], out.shape[-1])
+
+
 def _use_cpp(backend: str, q: torch.Tensor) -> bool:
     applies = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
     if backend == "cpp":
@@ -353,6 +414,10 @@ def local_attention(
     if backend == "reference":
         return local_attention_reference(q, k, v, kernel, stride, padding, pe, scale, mlp)
 
+    if mlp is None and _use_cpp(backend, q):
+        qkv = torch.cat((q, k, v), dim=1).reshape(B, 3 * N * d, H, W)
+        out = _cpp_attention(qkv, N, kernel, stride, padding, pe, scale)
+        return out.view(B, N, d, out.shape[-2], out.shape[-1])
     Ho, Wo = _out_size(H, stride), _out_size(W, stride)
     q_c = q[..., ::stride, ::stride].reshape(B * N, d, Ho, Wo)
     keys = k if pe is None else k - pe.reshape(1, 1, d, H, W).to(q.dtype)
@@ -367,11 +432,6 @@ def local_attention(
         if pe is not None:
             pe_c = pe.reshape(1, d, H, W)[..., ::stride, ::stride].to(q.dtype)
         out = _shift_attention_mlp(q_c, k_pad, v_pad, bias, kernel, stride, mlp, pe_c)
-    elif _use_cpp(backend, q_c):
-        q_c = (q_c * (d**-0.5 if scale is None else scale)).contiguous()
-        out = CppLocalAttention.apply(
-            q_c, k_pad.contiguous(), v_pad.contiguous(), bias, kernel, stride
-        )
     else:
         q_c = q_c * (d**-0.5 if scale is None else scale)
         if torch.is_grad_enabled() and (
