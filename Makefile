@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo demo-layer data test lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The embedded default data set: Fashion-MNIST from Debian's dataset-fashion-mnist.
+data:
+	@test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || \
+		{ echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+		  $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist' \
+		  || echo "could not install it; the demo will say what to do"; }
+
+demo: $(STAMP) data
+	$(PY) -m acmix.demo_train
+
+demo-layer: $(STAMP)
 	$(PY) -m acmix.demo
 
 test: $(STAMP)

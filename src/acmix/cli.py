@@ -272,6 +272,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
             values = apply_overrides(base, _flag_overrides(args) + list(args.overrides))
             cfg = config_from_dict(values)
         info = init_distributed(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         try:
             data = build_data(cfg.data, cfg.aug, getattr(loaded.model, "pretrained_cfg", None))
             if data.num_classes != getattr(loaded.model, "num_classes", data.num_classes):
@@ -364,7 +366,8 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dynamic-hw",
         action="store_true",
-        help="also make height / width dynamic (checked at a second size)",
+        help="also make height / width dynamic (checked at a second, larger size; valid "
+        "for inputs not smaller than the traced size)",
     )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")

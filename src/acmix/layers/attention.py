@@ -64,7 +64,7 @@ __all__ = [
 
 
 def _out_size(size: int, stride: int) -> int:
-    return -(-size // stride)
+    return (size + stride - 1) // stride  # not -(-a // b): ONNX division truncates
 
 
 def _pad(x: torch.Tensor, r: int, padding: str) -> torch.Tensor:

@@ -111,7 +111,7 @@ def shift_sum(x: torch.Tensor, kernel: int, stride: int = 1, repeat: int = 1) ->
     if kernel * kernel != K2:
         raise ValueError(f"x has {K2} position maps, expected kernel**2 = {kernel * kernel}")
     r = kernel // 2
-    Ho, Wo = -(-H // stride), -(-W // stride)
+    Ho, Wo = (H + stride - 1) // stride, (W + stride - 1) // stride  # ONNX-safe ceil
     x_pad = F.pad(x, (r, r, r, r))
     out = x.new_zeros(B, G, Ho, Wo)
     for p in range(K2):

@@ -360,7 +360,11 @@ default_cfgs = generate_default_cfgs(
 def acmix_tiny(pretrained: bool = False, **kwargs: Any) -> TinyNet:
     """Tiny ACmix net: widths (32, 64, 96, 128), depths (1, 1, 2, 1), ``mixer=`` any."""
     return build_model_with_cfg(
-        TinyNet, "acmix_tiny", pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs
+        TinyNet,
+        "acmix_tiny",
+        pretrained,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
     )
 
 

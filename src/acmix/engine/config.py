@@ -1,0 +1,527 @@
+"""Typed training configuration: nested dataclasses, YAML recipes, ``key=value`` overrides.
+
+A recipe is a YAML mapping with the sections of :class:`Config` (``model``,
+``data``, ``aug``, ``optim``, ``sched``, ``train``); every key must be a field
+of its section, and every value is checked against the field's type. Unknown
+keys are an error naming the key and the known ones. Command-line overrides
+use dotted paths, ``optim.lr=0.05``; values are parsed as YAML
+(``train.amp=bf16``, ``aug.scale=[0.5,1]``, ``model.kwargs.mixer=conv``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "AugConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the configuration (the message names the key)."""
+
+
+def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_range(key: str, value: float, lo: float, hi: float | None = None) -> None:
+    if value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{key} must be {bound}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The network.
+
+    Attributes:
+        name: a timm model name (``acmix list-models``), e.g. ``acmix_resnet50``.
+        kwargs: further keyword arguments of ``timm.create_model`` (``mixer``,
+            ``img_size``, ...). ``num_classes`` and ``in_chans`` come from the data.
+        drop_path_rate: stochastic depth (passed when > 0).
+        drop_rate: classifier dropout (passed when > 0).
+        init_from: safetensors weights (or a checkpoint) to start from, e.g.
+            the output of ``acmix convert``; the classifier is re-initialised
+            when its shape differs.
+        channels_last: NHWC memory format for weights and inputs.
+        compile: wrap the model in ``torch.compile``.
+        grad_checkpointing: recompute activations in the backward pass.
+    """
+
+    name: str = "acmix_tiny"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+    init_from: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_range("model.drop_path_rate", self.drop_path_rate, 0.0, 0.99)
+        _check_range("model.drop_rate", self.drop_rate, 0.0, 0.99)
+        for key in ("num_classes", "in_chans"):
+            if key in self.kwargs:
+                raise ConfigError(f"model.kwargs.{key} is set from the data; remove it")
+
+
+DATASETS: tuple[str, ...] = ("fashion-mnist", "digits", "folder")
+
+
+@dataclass
+class DataConfig:
+    """The data set and its loaders.
+
+    Attributes:
+        dataset: ``"fashion-mnist"`` (the embedded default, from the Debian
+            package ``dataset-fashion-mnist``), ``"digits"`` (scikit-learn's
+            bundled 8x8 digits) or ``"folder"`` (ImageNet-style
+            ``data_dir/<split>/<class>/*.jpg``).
+        data_dir: the Fashion-MNIST IDX directory (default: the Debian
+            package's) or the image-folder root.
+        train_split: sub-folder of ``data_dir`` with the training images.
+        val_split: sub-folder of ``data_dir`` with the validation images.
+        img_size: model input side; ``None``: the data's own (28 for
+            Fashion-MNIST, 8 for digits, 224 for folders).
+        train_subset: use this many training images (a fixed random subset).
+        val_subset: use this many validation images (``None``: all).
+        batch_size: global batch (all processes together).
+        eval_batch_size: global evaluation batch.
+        workers: data-loader worker processes per training process.
+        check_images: open every image once at start; unreadable ones are
+            skipped and counted (with ``bad_images="skip"``).
+        bad_images: ``"skip"`` (an unreadable image is replaced by the next
+            readable one and reported) or ``"error"``.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    img_size: int | None = None
+    train_subset: int | None = None
+    val_subset: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    workers: int = 0
+    check_images: bool = False
+    bad_images: str = "skip"
+
+    def __post_init__(self) -> None:
+        _check_choice("data.dataset", self.dataset, DATASETS)
+        _check_choice("data.bad_images", self.bad_images, ("skip", "error"))
+        for key in ("batch_size", "eval_batch_size"):
+            _check_range(f"data.{key}", getattr(self, key), 1)
+        for key in ("img_size", "train_subset", "val_subset"):
+            if getattr(self, key) is not None:
+                _check_range(f"data.{key}", getattr(self, key), 1)
+        _check_range("data.workers", self.workers, 0)
+
+
+@dataclass
+class AugConfig:
+    """Training augmentation (timm's data utilities) and label smoothing.
+
+    Attributes:
+        crop: ``"rrc"`` (random resized crop, the ImageNet recipes), ``"pad"``
+            (pad ``crop_padding`` pixels and crop back: small images) or
+            ``"none"``.
+        crop_padding: padding of ``crop="pad"``.
+        scale: area range of ``crop="rrc"``.
+        ratio: aspect range of ``crop="rrc"``.
+        hflip: horizontal-flip probability.
+        auto_augment: a timm policy string, e.g. ``"rand-m9-mstd0.5-inc1"``
+            (RandAugment, magnitude 9).
+        color_jitter: colour-jitter strength (``None``: off).
+        interpolation: resize interpolation (``"bilinear"``, ``"bicubic"``).
+        crop_pct: evaluation centre-crop fraction (``None``: the model's).
+        re_prob: random-erasing probability.
+        re_mode: random-erasing fill (``"pixel"``, ``"rand"``, ``"const"``).
+        re_count: erased boxes per image.
+        mixup: mixup alpha (0: off).
+        cutmix: cutmix alpha (0: off).
+        mixup_prob: probability of mixing a batch.
+        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
+        label_smoothing: label smoothing of the loss.
+    """
+
+    crop: str = "pad"
+    crop_padding: int = 2
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = None
+    color_jitter: float | None = None
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_count: int = 1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("aug.crop", self.crop, ("rrc", "pad", "none"))
+        _check_choice("aug.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest"))
+        _check_choice("aug.re_mode", self.re_mode, ("pixel", "rand", "const"))
+        for key in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
+            _check_range(f"aug.{key}", getattr(self, key), 0.0, 1.0)
+        _check_range("aug.label_smoothing", self.label_smoothing, 0.0, 0.99)
+        _check_range("aug.mixup", self.mixup, 0.0)
+        _check_range("aug.cutmix", self.cutmix, 0.0)
+        _check_range("aug.crop_padding", self.crop_padding, 0)
+        if self.crop_pct is not None:
+            _check_range("aug.crop_pct", self.crop_pct, 0.01, 1.0)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser.
+
+    Attributes:
+        name: ``"sgd"`` or ``"adamw"``.
+        lr: peak learning rate at ``lr_base_batch`` (or at the actual batch).
+        lr_base_batch: scale ``lr`` linearly to the global batch:
+            ``lr * batch_size / lr_base_batch`` (``None``: no scaling).
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        decay_1d: also decay 1-D parameters (norms, biases) and the model's
+            ``no_weight_decay()`` set (ACmix's α, β); ``False`` excludes them.
+        grad_clip: clip the global gradient norm to this (``None``: off).
+    """
+
+    name: str = "sgd"
+    lr: float = 0.1
+    lr_base_batch: int | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    decay_1d: bool = True
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_range("optim.lr", self.lr, 0.0)
+        _check_range("optim.weight_decay", self.weight_decay, 0.0)
+        if self.lr_base_batch is not None:
+            _check_range("optim.lr_base_batch", self.lr_base_batch, 1)
+        if self.grad_clip is not None:
+            _check_range("optim.grad_clip", self.grad_clip, 0.0)
+
+
+@dataclass
+class SchedConfig:
+    """Per-step learning-rate schedule.
+
+    Attributes:
+        name: ``"cosine"`` (to ``min_lr`` at the last step) or ``"constant"``.
+        warmup_epochs: linear warm-up from ``warmup_lr`` (fractions allowed).
+        warmup_lr: learning rate of the first step.
+        min_lr: final learning rate of the cosine.
+    """
+
+    name: str = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("sched.name", self.name, ("cosine", "constant"))
+        _check_range("sched.warmup_epochs", self.warmup_epochs, 0.0)
+
+
+@dataclass
+class TrainConfig:
+    """The run.
+
+    Attributes:
+        epochs: training epochs.
+        seed: seed of data order, augmentation, initialisation and dropout.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``.
+        threads: CPU threads of this process (``None``: torch's default).
+        amp: ``"none"``, ``"bf16"`` (autocast; CPU or GPU) or ``"fp16"`` (GPU,
+            with gradient scaling).
+        ema_decay: keep an exponential moving average of the weights (``None``: off).
+        deterministic: deterministic algorithms (CPU runs are bit-reproducible).
+        output: run directory (checkpoints, ``metrics.csv``, TensorBoard, plots).
+        eval_every: evaluate every this many epochs (and after the last).
+        log_every: progress / log line every this many steps.
+        keep: step checkpoints kept besides ``last`` and ``best``.
+        save_every_steps: also checkpoint every this many steps (``None``:
+            at the end of each epoch only).
+        stop_after_steps: end this run (this invocation) after this many
+            optimizer steps, saving a checkpoint, without changing the
+            schedule; a later ``--resume`` continues (time-boxed jobs).
+        tensorboard: write TensorBoard events (needs the ``tensorboard`` package).
+        plots: write PNG plots at the end (needs ``matplotlib``).
+        progress: a progress bar (otherwise a log line every ``log_every`` steps).
+    """
+
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    amp: str = "none"
+    ema_decay: float | None = None
+    deterministic: bool = True
+    output: str = "runs/acmix"
+    eval_every: int = 1
+    log_every: int = 50
+    keep: int = 2
+    save_every_steps: int | None = None
+    stop_after_steps: int | None = None
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        for key in ("epochs", "eval_every", "log_every"):
+            _check_range(f"train.{key}", getattr(self, key), 1)
+        _check_range("train.keep", self.keep, 0)
+        for key in ("threads", "save_every_steps", "stop_after_steps"):
+            if getattr(self, key) is not None:
+                _check_range(f"train.{key}", getattr(self, key), 1)
+        if self.ema_decay is not None:
+            _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+
+
+@dataclass
+class Config:
+    """A whole training recipe (one section per dataclass)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# -- conversion -----------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (lists become tuples, ints floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(
+            _coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _section_from_dict(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}.{key}'; {prefix} has: {names}")
+        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from nested plain values (a parsed recipe).
+
+    Raises:
+        ConfigError: an unknown section or key (named), or a value of the wrong type.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"a recipe must be a mapping of sections, got {type(values).__name__}")
+    hints = typing.get_type_hints(Config)
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for key in values:
+        if key not in sections:
+            raise ConfigError(f"unknown config section '{key}'; sections: {sections}")
+    return Config(**{s: _section_from_dict(hints[s], values.get(s), s) for s in sections})
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested values (tuples as lists): YAML / JSON serialisable, round-trips."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(
+    values: dict[str, Any], overrides: list[str | tuple[str, Any]]
+) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict.
+
+    An override may also be a ``(dotted key, value)`` pair, taken as it is
+    (no YAML parsing: for typed command-line flags). Keys under
+    ``model.kwargs`` may be anything (they go to the model); every other key
+    is checked when the result passes :func:`config_from_dict`.
+
+    Raises:
+        ConfigError: an override that is not ``KEY=VALUE`` with a dotted key.
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        if isinstance(item, tuple):
+            key, value = item
+            parts = key.split(".")
+        else:
+            key, sep, raw = item.partition("=")
+            parts = key.strip().split(".")
+            if not sep or len(parts) < 2 or not all(parts):
+                raise ConfigError(
+                    f"override {item!r}: expected SECTION.KEY=VALUE, e.g. optim.lr=0.05 or "
+                    "model.kwargs.mixer=conv"
+                )
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+            node[p] = dict(nxt)
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str | tuple[str, Any]] | None = None
+) -> Config:
+    """Read a YAML recipe (or start from the defaults), apply overrides, validate.
+
+    Args:
+        path: a recipe file; a bare name (``fmnist_tiny``) is looked up as
+            ``configs/<name>.yaml`` under the working directory and the source
+            checkout. ``None``: the defaults.
+        overrides: ``section.key=value`` strings or ``(key, value)`` pairs.
+
+    Raises:
+        FileNotFoundError: no such recipe (the paths tried are named).
+        ConfigError: an unknown key, a wrong type, or a bad value.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = _find_recipe(path)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file}: not valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: a recipe must be a mapping of sections")
+        values = loaded or {}
+    values = apply_overrides(values, list(overrides or []))
+    return config_from_dict(values)
+
+
+def recipe_dirs() -> list[Path]:
+    """Where bare recipe names are looked up: ``./configs`` and the checkout's ``configs/``."""
+    dirs = [Path.cwd() / "configs"]
+    checkout = Path(__file__).resolve().parents[3] / "configs"
+    if checkout not in dirs:
+        dirs.append(checkout)
+    return dirs
+
+
+def _find_recipe(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    tried = [p]
+    if p.suffix == "" and len(p.parts) == 1:
+        for d in recipe_dirs():
+            cand = d / f"{p.name}.yaml"
+            tried.append(cand)
+            if cand.is_file():
+                return cand
+    raise FileNotFoundError(f"recipe not found: tried {', '.join(str(t) for t in tried)}")

@@ -1,0 +1,180 @@
+"""Checkpoints: round trip, atomic writes, corrupt / truncated files, no unpickling, RNG."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from acmix.engine import checkpoint as ckpt
+from acmix.engine.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def _weights(v: float) -> dict[str, torch.Tensor]:
+    return {
+        "a.weight": torch.full((3, 2), v),
+        "a.bias": torch.arange(3.0) + v,
+        "n": torch.tensor(7),
+    }
+
+
+def _state(step: int) -> dict:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    opt.step()
+    return {"optimizer": opt.state_dict(), "step": step, "rng": get_rng_state(), "name": "x"}
+
+
+def test_round_trip(tmp_path) -> None:
+    path = save_checkpoint(tmp_path, 5, _weights(1.0), _state(5), info={"metrics": {"top1": 9.5}})
+    ck = load_checkpoint(tmp_path)  # the directory resolves to last.json
+    assert ck.path == tmp_path / "last.json"
+    assert ck.manifest["step"] == 5 and ck.manifest["metrics"] == {"top1": 9.5}
+    for k, v in _weights(1.0).items():
+        assert torch.equal(ck.weights[k], v)
+    assert ck.state["step"] == 5 and ck.state["name"] == "x"
+    buf = ck.state["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(buf, torch.ones(2))
+    # The weights file is a plain safetensors file (timm / safetensors can read it alone).
+    w = load_file(str(tmp_path / json.loads(path.read_text())["files"]["weights"]["file"]))
+    assert torch.equal(w["a.bias"], _weights(1.0)["a.bias"])
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    digest = atomic_write_bytes(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    import hashlib
+
+    assert digest == hashlib.sha256(b"new contents").hexdigest()
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_failed_write_keeps_the_previous_good_checkpoint(tmp_path, monkeypatch) -> None:
+    save_checkpoint(tmp_path, 1, _weights(1.0), _state(1))
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def crash_on_second_file(src, dst):  # the disk "fails" after the weights are in place
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 2, _weights(2.0), _state(2))
+    monkeypatch.undo()
+    ck = load_checkpoint(tmp_path)
+    assert ck.manifest["step"] == 1 and torch.equal(
+        ck.weights["a.weight"], _weights(1.0)["a.weight"]
+    )
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("which", ["weights", "state"])
+def test_truncated_file_is_a_clear_error(tmp_path, which: str) -> None:
+    path = save_checkpoint(tmp_path, 3, _weights(1.0), _state(3))
+    f = tmp_path / json.loads(path.read_text())["files"][which]["file"]
+    f.write_bytes(f.read_bytes()[:-20])
+    with pytest.raises(CheckpointError, match=f"{f}.*truncated"):
+        load_checkpoint(tmp_path)
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path) -> None:
+    path = save_checkpoint(tmp_path, 3, _weights(1.0), _state(3))
+    f = tmp_path / json.loads(path.read_text())["files"]["weights"]["file"]
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF  # same size, one flipped byte
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{f} is corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_bad_manifest_and_missing_files(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "x.json")
+    (tmp_path / "last.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "last.json").write_text('{"format": "other"}')
+    with pytest.raises(CheckpointError, match="not an acmix checkpoint"):
+        load_checkpoint(tmp_path)
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(bad)
+
+
+class Evil:
+    """An object whose unpickling would run code."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path) -> None:
+    path = save_checkpoint(tmp_path, 1, _weights(1.0), _state(1))
+    manifest = json.loads(path.read_text())
+    buf = io.BytesIO()
+    torch.save({"step": 1, "payload": Evil()}, buf)
+    data = buf.getvalue()
+    f = tmp_path / manifest["files"]["state"]["file"]
+    f.write_bytes(data)
+    # A consistent manifest (the attacker fixed the hash): still refused.
+    import hashlib
+
+    manifest["files"]["state"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / "last.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(tmp_path)
+
+
+def test_keep_n_prunes_untagged_checkpoints(tmp_path) -> None:
+    save_checkpoint(tmp_path, 1, _weights(1.0), _state(1), tags=("last", "best"), keep=2)
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, _weights(step), _state(step), keep=2)
+    stems = sorted(p.name.split(".")[0] for p in tmp_path.glob("ckpt-*.json"))
+    assert stems == ["ckpt-00000001", "ckpt-00000003", "ckpt-00000004"]  # 1 is "best"
+    assert load_checkpoint(tmp_path / "best.json").manifest["step"] == 1
+    assert load_checkpoint(tmp_path).manifest["step"] == 4
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_same_step_saved_twice_never_rewrites_referenced_files(tmp_path) -> None:
+    first = save_checkpoint(tmp_path, 7, _weights(1.0), _state(7), tags=("best",), keep=5)
+    second = save_checkpoint(tmp_path, 7, _weights(2.0), _state(7), keep=5)
+    assert first != second
+    assert torch.equal(load_checkpoint(first).weights["a.weight"], _weights(1.0)["a.weight"])
+    assert torch.equal(load_checkpoint(tmp_path).weights["a.weight"], _weights(2.0)["a.weight"])
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path) -> None:
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # a cached gaussian in numpy's state
+    save_checkpoint(tmp_path, 1, _weights(1.0), {"rng": get_rng_state()})
+    expected = (random.random(), np.random.standard_normal(), torch.rand(3))
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    set_rng_state(load_checkpoint(tmp_path).state["rng"])
+    got = (random.random(), np.random.standard_normal(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])

@@ -1,0 +1,125 @@
+"""Recipes: every YAML in configs/ loads, the paper's recipes match the paper, errors name keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+
+import acmix  # noqa: F401  (registers the models)
+from acmix.engine.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_there_are_recipes() -> None:
+    names = {p.stem for p in RECIPES}
+    assert {"fmnist_tiny", "imagenet_resnet", "imagenet_swin_tiny", "imagenet_swin_small"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads_and_names_a_registered_model(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.model.name in timm.list_models("acmix_*")
+    # Round trip through plain values (what a checkpoint manifest stores).
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_bare_recipe_name_is_found_in_configs(monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)  # not the checkout: falls back to the source tree's configs/
+    assert load_config("fmnist_tiny") == load_config(CONFIGS / "fmnist_tiny.yaml")
+    with pytest.raises(FileNotFoundError, match="no_such_recipe"):
+        load_config("no_such_recipe")
+
+
+def test_resnet_recipe_is_the_papers() -> None:
+    cfg = load_config(CONFIGS / "imagenet_resnet.yaml")
+    o, s, a = cfg.optim, cfg.sched, cfg.aug
+    assert (o.name, o.lr, o.lr_base_batch, o.momentum, o.weight_decay) == (
+        "sgd",
+        0.1,
+        256,
+        0.9,
+        1e-4,
+    )
+    assert (s.name, s.warmup_epochs) == ("cosine", 5.0)
+    assert a.label_smoothing == 0.1 and cfg.data.batch_size == 256
+
+
+@pytest.mark.parametrize(("name", "drop_path"), [("tiny", 0.2), ("small", 0.3)])
+def test_swin_recipes_are_the_papers(name: str, drop_path: float) -> None:
+    cfg = load_config(CONFIGS / f"imagenet_swin_{name}.yaml")
+    o, s, a = cfg.optim, cfg.sched, cfg.aug
+    assert cfg.model.name == f"acmix_swin_{name}_patch4_window7_224"
+    assert (o.name, o.lr, o.lr_base_batch, o.weight_decay) == ("adamw", 1e-3, 1024, 0.05)
+    assert o.decay_1d is False and o.grad_clip == 5.0
+    assert (cfg.train.epochs, s.warmup_epochs, s.name) == (300, 20.0, "cosine")
+    assert a.auto_augment.startswith("rand-m9")
+    assert (a.mixup, a.cutmix, a.re_prob, a.label_smoothing) == (0.8, 1.0, 0.25, 0.1)
+    assert cfg.model.drop_path_rate == drop_path
+
+
+def test_unknown_keys_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr'.*'lr'"):
+        config_from_dict({"optim": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match="unknown config section 'optimizer'"):
+        config_from_dict({"optimizer": {}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch'"):
+        load_config(None, ["train.epoch=3"])
+
+
+def test_unknown_key_in_a_recipe_file_is_named(tmp_path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  batch_sise: 32\n")
+    with pytest.raises(ConfigError, match=r"data\.batch_sise"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.epochs=two", r"train\.epochs: expected an integer"),
+        ("train.epochs=1.5", r"train\.epochs: expected an integer"),
+        ("train.amp=fp8", r"train\.amp must be one of"),
+        ("optim.lr=-1", r"optim\.lr must be >= 0"),
+        ("aug.scale=[0.5]", r"aug\.scale: expected a list of 2 values"),
+        ("train.tensorboard=maybe", r"train\.tensorboard: expected true/false"),
+        ("model.kwargs.num_classes=3", "set from the data"),
+        ("lr=0.1", "expected SECTION.KEY=VALUE"),
+    ],
+)
+def test_bad_values_are_named(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(
+        CONFIGS / "fmnist_tiny.yaml",
+        [
+            "optim.lr=1e-3",  # YAML 1.1 reads this as a string; a float field accepts it
+            "aug.scale=[0.5, 1]",
+            "model.kwargs.mixer=conv",
+            "train.ema_decay=null",
+            ("data.data_dir", "2024"),  # typed pairs are not YAML-parsed (a numeric dir name)
+        ],
+    )
+    assert cfg.optim.lr == 1e-3 and cfg.aug.scale == (0.5, 1.0)
+    assert cfg.model.kwargs == {"stem_stride": 2, "mixer": "conv"}
+    assert cfg.train.ema_decay is None and cfg.data.data_dir == "2024"
+
+
+def test_apply_overrides_does_not_mutate_its_input() -> None:
+    base = {"train": {"epochs": 3}}
+    out = apply_overrides(base, ["train.epochs=4"])
+    assert base == {"train": {"epochs": 3}} and out["train"]["epochs"] == 4

@@ -1,0 +1,147 @@
+"""Smoke runs of the `acmix` commands: train, eval, predict, export, list-models; errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from acmix.cli import build_parser, main
+from acmix.data import FASHION_MNIST_CLASSES, INSTALL_FASHION_MNIST, load_fashion_mnist
+from tests.data_util import make_fake_fmnist
+
+TINY = [
+    "model.kwargs={stem_stride: 2, widths: [8, 16, 16, 32], depths: [1, 1, 1, 1]}",
+    "data.batch_size=16",
+    "aug.crop=none",
+    "train.threads=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.plots=false",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One small training run through the CLI, shared by the eval / predict / export tests."""
+    root = tmp_path_factory.mktemp("cli")
+    data = make_fake_fmnist(root / "data", n_train=64, n_test=20)
+    out = root / "run"
+    argv = ["train", "--config", "fmnist_tiny", "--data-dir", str(data), "-o", str(out)]
+    assert main([*argv, "--epochs", "3", "--lr", "0.1", *TINY]) == 0
+    return out
+
+
+def test_help_lists_every_command(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for cmd in ("train", "eval", "predict", "list-models", "convert", "export"):
+        assert cmd in text
+    for cmd in ("train", "eval", "predict", "export"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "usage: acmix " + cmd in capsys.readouterr().out
+    build_parser()  # builds without error
+
+
+def test_list_models_includes_tiny(capsys) -> None:
+    assert main(["list-models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "acmix_tiny" in names and "acmix_resnet50" in names
+
+
+def test_train_writes_a_run(run_dir, capsys) -> None:
+    manifest = json.loads((run_dir / "checkpoints" / "last.json").read_text())
+    assert manifest["step"] == 12 and manifest["model"]["name"] == "acmix_tiny"
+    assert manifest["config"]["optim"]["lr"] == 0.1 and manifest["config"]["train"]["epochs"] == 3
+    assert manifest["data"]["classes"] == list(FASHION_MNIST_CLASSES)
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs
+
+
+def test_eval_reproduces_the_final_validation(run_dir, capsys) -> None:
+    manifest = json.loads((run_dir / "checkpoints" / "last.json").read_text())
+    assert main(["eval", "--checkpoint", str(run_dir), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["count"] == 20
+    assert metrics["top1"] == pytest.approx(manifest["metrics"]["top1"])
+    assert metrics["loss"] == pytest.approx(manifest["metrics"]["loss"], rel=1e-5)
+    assert main(["eval", "--checkpoint", str(run_dir / "checkpoints" / "best.json")]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_predict_classifies_image_files(run_dir, tmp_path, capsys) -> None:
+    data = load_fashion_mnist(run_dir.parent / "data", "test")
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(data.images[i, 0].numpy()).save(p)
+        paths.append(str(p))
+    assert main(["predict", *paths, "--checkpoint", str(run_dir), "--topk", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["image"] for o in out] == paths
+    for o in out:
+        assert len(o["top"]) == 3 and o["top"][0]["class"] in FASHION_MNIST_CLASSES
+        probs = [t["prob"] for t in o["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    # Same answer as the model on the evaluation pipeline (the CLI loads PNG -> grey -> normalise).
+    assert main(["predict", paths[0], "--checkpoint", str(run_dir)]) == 0
+    assert out[0]["top"][0]["class"] in capsys.readouterr().out
+    assert main(["predict", str(tmp_path / "missing.png"), "--checkpoint", str(run_dir)]) == 1
+    assert "missing.png" in capsys.readouterr().err
+
+
+def test_export_checkpoint_to_onnx(run_dir, tmp_path, capsys) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(run_dir), "-o", str(out), "--dynamic-hw"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and text.count("max |diff|") == 3
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((7, 1, 28, 28)).astype(np.float32)
+    assert sess.run(None, {"input": x})[0].shape == (7, 10)
+
+
+def test_export_fresh_model(tmp_path, capsys) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "c.onnx"
+    argv = ["export", "--model", "acmix_tiny", "-o", str(out), "--img-size", "32"]
+    argv += ["--model-arg", "mixer=conv", "--model-arg", "num_classes=3"]
+    assert main(argv) == 0
+    assert out.is_file()
+    assert main(["export", "-o", str(out)]) == 2
+    assert "give --checkpoint or --model" in capsys.readouterr().err
+
+
+def test_train_errors_are_clear(tmp_path, capsys) -> None:
+    data = make_fake_fmnist(tmp_path / "d", n_train=20, n_test=10)
+    assert main(["train", "--data-dir", str(data), "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert main(["train", "--data-dir", str(tmp_path / "empty"), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert INSTALL_FASHION_MNIST in err and "--dataset digits" in err
+    assert main(["train", "--config", "no_such_recipe"]) == 1
+    assert "recipe not found" in capsys.readouterr().err
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "x"), *TINY]
+    assert main(argv) == 1
+    assert "image-folder root not found" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_train_on_digits_fallback(tmp_path) -> None:
+    pytest.importorskip("sklearn")
+    argv = ["train", "--dataset", "digits", "-o", str(tmp_path / "dg"), "--epochs", "1", *TINY]
+    argv += ["model.kwargs.stem_stride=1", "data.train_subset=64"]
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "dg" / "checkpoints" / "last.json").read_text())
+    from acmix.data import load_digits
+
+    assert manifest["data"]["img_size"] == 8
+    assert manifest["metrics"]["count"] == len(load_digits("test")) == 359  # 1797 - 1438
