@@ -68,6 +68,7 @@ from torch import nn
 
 from acmix.layers import ACmixBase
 from acmix.layers.checks import check_choice, check_heads, check_positive_int
+from acmix.models._common import check_image_input, no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 
 __all__ = [
@@ -526,8 +527,7 @@ class PyramidVisionTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Position tables, the class token and ACmix's alpha / beta."""
-        ends = ("pos_embed", "cls_token", "rate1", "rate2")
-        return {n for n, _ in self.named_parameters() if n.endswith(ends)}
+        return no_decay_names(self, ("pos_embed", "cls_token"))
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -556,16 +556,8 @@ class PyramidVisionTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
-            )
         min_size = self.patch_size * 2 ** (self.num_stages - 1)
-        if x.shape[-2] < min_size or x.shape[-1] < min_size:
-            raise ValueError(
-                f"input {x.shape[-2]}x{x.shape[-1]} is too small: the stages reduce it by "
-                f"{min_size}, so H and W must be >= {min_size}"
-            )
+        check_image_input(x, self.in_chans, min_size, f"the stages reduce it by {min_size}")
 
     def forward_intermediates(
         self,

@@ -44,6 +44,7 @@ from torch import nn
 
 from acmix.layers import INITS, MIXERS, ACmix, ACmixBase, create_mixer
 from acmix.layers.checks import check_choice, check_positive_int
+from acmix.models._common import no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.models.convert import check_shapes, unwrap_state_dict
 
@@ -302,7 +303,7 @@ class ResNet(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Names of ACmix's mix weights alpha / beta (``rate1``, ``rate2``): no weight decay."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("rate1", "rate2"))}
+        return no_decay_names(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

@@ -95,6 +95,7 @@ from torch.autograd.function import once_differentiable
 
 from acmix.layers import ACmixBase, resolve_padding
 from acmix.layers.checks import check_choice, check_odd_kernel, check_positive_int
+from acmix.models._common import check_image_input, no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 
 __all__ = [
@@ -779,7 +780,7 @@ class SAN(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """ACmix's alpha / beta (``rate1``, ``rate2``) are excluded from weight decay."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("rate1", "rate2"))}
+        return no_decay_names(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -806,16 +807,9 @@ class SAN(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}"
-            )
-        min_size = 2**self.num_stages
-        if x.shape[-2] < min_size or x.shape[-1] < min_size:
-            raise ValueError(
-                f"input {x.shape[-2]}x{x.shape[-1]} is too small: SAN halves the map "
-                f"{self.num_stages} times, so H and W must be >= {min_size}"
-            )
+        check_image_input(
+            x, self.in_chans, 2**self.num_stages, f"SAN halves the map {self.num_stages} times"
+        )
 
     def forward_intermediates(
         self,

@@ -31,6 +31,7 @@ from torch import nn
 
 from acmix.layers import MIXERS, ACmixBase, create_mixer
 from acmix.layers.checks import check_choice, check_positive_int
+from acmix.models._common import no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 
 __all__ = ["NORMS", "TinyBlock", "TinyNet"]
@@ -270,7 +271,7 @@ class TinyNet(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """ACmix's α / β (``rate1``, ``rate2``): excluded from weight decay."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("rate1", "rate2"))}
+        return no_decay_names(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
