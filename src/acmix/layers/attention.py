@@ -28,9 +28,11 @@ Backends, all computing the same function:
   hand-written backward (whose gradients are themselves shift-sums). Pure
   PyTorch: any device and dtype.
 * ``"cpp"``: the same algorithm fused into one C++ kernel per direction
-  (``src/acmix/csrc``), one output row at a time with its logits in cache; it
+  (``src/acmix/csrc``): per head plane, padded key / value planes and
+  contiguous inner loops over blocks of rows with the logits in cache; it
   keeps only the log-sum-exp for backward and recomputes the weights there.
-  CPU, float32 / float64, dot-product weighting; compiled on first use.
+  Stride ``s`` takes every ``s``-th query of the stride-1 result. CPU,
+  float32 / float64, dot-product weighting; compiled on first use.
 * ``"auto"`` picks ``"cpp"`` where it applies and builds, else ``"shift"``.
 
 The fast backends use that ``q_c . pe_c`` is constant over the window and
@@ -299,9 +301,12 @@ def _cpp_attention(
     d = C3 // (3 * heads)
     pe_c = None if pe is None else pe.reshape(d, H, W).to(qkv.dtype).contiguous()
     s = d**-0.5 if scale is None else scale
-    return CppLocalAttention.apply(
-        qkv.contiguous(), pe_c, heads, kernel, stride, padding == "zeros", float(s)
+    out = CppLocalAttention.apply(
+        qkv.contiguous(), pe_c, heads, kernel, padding == "zeros", float(s)
     )
+    # Stride s: the queries at every s-th pixel from 0, i.e. a subsampling of the
+    # stride-1 result (the kernel's contiguous inner loops make that the faster way).
+    return out if stride == 1 else out[..., ::stride, ::stride]
 
 
 def local_attention_qkv(
