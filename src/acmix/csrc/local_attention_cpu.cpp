@@ -120,9 +120,19 @@ void block_logits(const PaddedPlanes<T>& B, const Geometry& g, int64_t i0, int64
     const int64_t oy = p / g.kernel, ox = p % g.kernel;
     T* __restrict__ Lp = L + p * n;
     for (int64_t x = 0; x < n; ++x) Lp[x] = T(0);
-    for (int64_t c = 0; c < g.d; ++c) {
-      const T* __restrict__ q = B.q.data() + c * g.H * Wp + i0 * Wp;
-      const T* __restrict__ k = B.k.data() + c * B.Hp * Wp + (i0 + oy) * Wp + ox;
+    const int64_t qs = g.H * Wp, ks = B.Hp * Wp;  // channel strides
+    int64_t c = 0;
+    for (; c + 4 <= g.d; c += 4) {  // four channels per pass: a quarter of the L traffic
+      const T* __restrict__ q = B.q.data() + c * qs + i0 * Wp;
+      const T* __restrict__ k = B.k.data() + c * ks + (i0 + oy) * Wp + ox;
+#pragma omp simd
+      for (int64_t x = 0; x < n; ++x)
+        Lp[x] += q[x] * k[x] + q[x + qs] * k[x + ks] + q[x + 2 * qs] * k[x + 2 * ks] +
+                 q[x + 3 * qs] * k[x + 3 * ks];
+    }
+    for (; c < g.d; ++c) {
+      const T* __restrict__ q = B.q.data() + c * qs + i0 * Wp;
+      const T* __restrict__ k = B.k.data() + c * ks + (i0 + oy) * Wp + ox;
 #pragma omp simd
       for (int64_t x = 0; x < n; ++x) Lp[x] += q[x] * k[x];
     }
@@ -179,11 +189,23 @@ void forward_s1(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T
         for (int64_t x = 0; x < n; ++x) sum[x] = T(1) / sum[x];
         for (int64_t c = 0; c < g.d; ++c) {
           for (int64_t x = 0; x < n; ++x) acc[x] = T(0);
-          for (int64_t p = 0; p < K2; ++p) {
-            const int64_t oy = p / g.kernel, ox = p % g.kernel;
+          T* __restrict__ ac = acc.data();
+          const T* vc = B.v.data() + c * Hp * Wp + i0 * Wp;
+          int64_t p = 0;
+          for (; p + 4 <= K2; p += 4) {  // four window positions per pass
             const T* __restrict__ a = L.data() + p * n;
-            const T* __restrict__ v = B.v.data() + c * Hp * Wp + (i0 + oy) * Wp + ox;
-            T* __restrict__ ac = acc.data();
+            const T* __restrict__ v0 = vc + (p / g.kernel) * Wp + p % g.kernel;
+            const T* __restrict__ v1 = vc + ((p + 1) / g.kernel) * Wp + (p + 1) % g.kernel;
+            const T* __restrict__ v2 = vc + ((p + 2) / g.kernel) * Wp + (p + 2) % g.kernel;
+            const T* __restrict__ v3 = vc + ((p + 3) / g.kernel) * Wp + (p + 3) % g.kernel;
+#pragma omp simd
+            for (int64_t x = 0; x < n; ++x)
+              ac[x] += a[x] * v0[x] + a[x + n] * v1[x] + a[x + 2 * n] * v2[x] +
+                       a[x + 3 * n] * v3[x];
+          }
+          for (; p < K2; ++p) {
+            const T* __restrict__ a = L.data() + p * n;
+            const T* __restrict__ v = vc + (p / g.kernel) * Wp + p % g.kernel;
 #pragma omp simd
             for (int64_t x = 0; x < n; ++x) ac[x] += a[x] * v[x];
           }
