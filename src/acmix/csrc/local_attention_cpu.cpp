@@ -75,7 +75,10 @@ inline Plane<T> plane(const T* qkv, const T* pe, const Geometry& g, int64_t bn) 
 template <typename T>
 struct PaddedPlanes {
   int64_t Hp, Wp, rows_per_block;
-  std::vector<T> q, k, v;  // q: (d, H * Wp) scaled; k, v: (d, Hp * Wp)
+  // q: (d, H * Wp) scaled; k, v: (d, Hp * Wp) plus Wp elements of slack: the
+  // extra columns of the last row read (and, in backward, add zeros to) up to
+  // 2r elements past the last plane.
+  std::vector<T> q, k, v;
 };
 
 template <typename T>
@@ -111,22 +114,64 @@ void build_planes(const Plane<T>& P, const Geometry& g, T scale, PaddedPlanes<T>
 }
 
 // Logits of rows [i0, i1) into L[p * n + x], x = (i - i0) * Wp + j, n = (i1 - i0) * Wp.
+// Register-tiled logits for a compile-time kernel size K: for V consecutive
+// positions and one window row oy, the K accumulators (one per ox) stay in
+// registers across all d channels, so each channel costs one query load and K
+// key loads for K vector FMAs, and L is written once. Positions [0, tiled) of
+// the block are done here, the tail by the generic loop.
+template <typename T, int K>
+int64_t block_logits_tiled(const PaddedPlanes<T>& B, const Geometry& g, int64_t i0, int64_t n,
+                           T* __restrict__ L) {
+  constexpr int V = 64 / sizeof(T) * 2;  // two 64-byte vectors of positions
+  const int64_t Wp = B.Wp, qs = g.H * Wp, ks = B.Hp * Wp;
+  const int64_t tiled = n / V * V;
+  for (int64_t x0 = 0; x0 < tiled; x0 += V) {
+    for (int oy = 0; oy < K; ++oy) {
+      T acc[K][V] = {};
+      const T* qb = B.q.data() + i0 * Wp + x0;
+      const T* kb = B.k.data() + (i0 + oy) * Wp + x0;
+      for (int64_t c = 0; c < g.d; ++c) {
+        const T* __restrict__ q = qb + c * qs;
+        const T* __restrict__ k = kb + c * ks;
+#pragma GCC unroll 8
+        for (int ox = 0; ox < K; ++ox) {
+#pragma omp simd
+          for (int v = 0; v < V; ++v) acc[ox][v] += q[v] * k[v + ox];
+        }
+      }
+      for (int ox = 0; ox < K; ++ox) {
+        T* __restrict__ Lp = L + (oy * K + ox) * n + x0;
+#pragma omp simd
+        for (int v = 0; v < V; ++v) Lp[v] = acc[ox][v];
+      }
+    }
+  }
+  return tiled;
+}
+
 template <typename T>
 void block_logits(const PaddedPlanes<T>& B, const Geometry& g, int64_t i0, int64_t i1,
                   T* __restrict__ L) {
   const int64_t K2 = g.kernel * g.kernel, Wp = B.Wp, n = (i1 - i0) * Wp;
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  int64_t start = 0;  // positions before `start` were done by a tiled kernel
+  switch (g.kernel) {
+    case 3: start = block_logits_tiled<T, 3>(B, g, i0, n, L); break;
+    case 5: start = block_logits_tiled<T, 5>(B, g, i0, n, L); break;
+    case 7: start = block_logits_tiled<T, 7>(B, g, i0, n, L); break;
+    default: break;
+  }
   for (int64_t p = 0; p < K2; ++p) {
     const int64_t oy = p / g.kernel, ox = p % g.kernel;
     T* __restrict__ Lp = L + p * n;
-    for (int64_t x = 0; x < n; ++x) Lp[x] = T(0);
+    for (int64_t x = start; x < n; ++x) Lp[x] = T(0);
     const int64_t qs = g.H * Wp, ks = B.Hp * Wp;  // channel strides
     int64_t c = 0;
     for (; c + 4 <= g.d; c += 4) {  // four channels per pass: a quarter of the L traffic
       const T* __restrict__ q = B.q.data() + c * qs + i0 * Wp;
       const T* __restrict__ k = B.k.data() + c * ks + (i0 + oy) * Wp + ox;
 #pragma omp simd
-      for (int64_t x = 0; x < n; ++x)
+      for (int64_t x = start; x < n; ++x)
         Lp[x] += q[x] * k[x] + q[x + qs] * k[x + ks] + q[x + 2 * qs] * k[x + 2 * ks] +
                  q[x + 3 * qs] * k[x + 3 * ks];
     }
@@ -134,7 +179,7 @@ void block_logits(const PaddedPlanes<T>& B, const Geometry& g, int64_t i0, int64
       const T* __restrict__ q = B.q.data() + c * qs + i0 * Wp;
       const T* __restrict__ k = B.k.data() + c * ks + (i0 + oy) * Wp + ox;
 #pragma omp simd
-      for (int64_t x = 0; x < n; ++x) Lp[x] += q[x] * k[x];
+      for (int64_t x = start; x < n; ++x) Lp[x] += q[x] * k[x];
     }
     if (g.zeros) {  // out-of-image keys leave the softmax
       for (int64_t i = i0; i < i1; ++i) {
@@ -160,8 +205,8 @@ void forward_s1(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T
   // Rows per block: keep the K2 logit rows of a block within ~256 KiB.
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlanes<T> B{Hp, Wp, R, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp),
-                      std::vector<T>(g.d * Hp * Wp)};
+    PaddedPlanes<T> B{Hp, Wp, R, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
+                      std::vector<T>(g.d * Hp * Wp + Wp)};
     std::vector<T> L(K2 * R * Wp), mx(R * Wp), sum(R * Wp), acc(R * Wp);
     for (int64_t bn = begin; bn < end; ++bn) {
       build_planes(plane(qkv, pe, g, bn), g, scale, B);
@@ -226,9 +271,9 @@ void backward_s1(const T* grad_out, const T* qkv, const T* pe, const T* lse, con
   const int64_t Wp = g.W + 2 * g.r, Hp = g.H + 2 * g.r;
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlanes<T> B{Hp, Wp, R, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp),
-                      std::vector<T>(g.d * Hp * Wp)};
-    std::vector<T> gk(g.d * Hp * Wp), gv(g.d * Hp * Wp), gq(g.d * g.H * Wp), gp(g.d * g.H * Wp);
+    PaddedPlanes<T> B{Hp, Wp, R, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
+                      std::vector<T>(g.d * Hp * Wp + Wp)};
+    std::vector<T> gk(g.d * Hp * Wp + Wp), gv(g.d * Hp * Wp + Wp), gq(g.d * g.H * Wp), gp(g.d * g.H * Wp);
     std::vector<T> A(K2 * R * Wp), dA(K2 * R * Wp), D(R * Wp), l(R * Wp);
     for (int64_t bn = begin; bn < end; ++bn) {
       build_planes(plane(qkv, pe, g, bn), g, scale, B);
