@@ -29,7 +29,8 @@ namespace {
 
 struct Geometry {
   int64_t B, N, d, H, W, kernel, r;
-  bool zeros;  // masked zero padding (else reflection)
+  bool zeros;        // masked zero padding (else reflection)
+  int64_t row_step;  // process only rows 0, row_step, 2 row_step, ... (strided queries)
 };
 
 inline int64_t reflect(int64_t x, int64_t n) {
@@ -202,15 +203,19 @@ template <typename T>
 void forward_s1(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T* lse) {
   const int64_t K2 = g.kernel * g.kernel, HW = g.H * g.W;
   const int64_t Wp = g.W + 2 * g.r, Hp = g.H + 2 * g.r;
-  // Rows per block: keep the K2 logit rows of a block within ~256 KiB.
-  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
+  // Rows per block: keep the K2 logit rows of a block within ~256 KiB (one row when
+  // only every row_step-th row is wanted).
+  const int64_t R = g.row_step > 1
+                        ? 1
+                        : std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
+  const int64_t advance = g.row_step > 1 ? g.row_step : R;
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
     PaddedPlanes<T> B{Hp, Wp, R, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
                       std::vector<T>(g.d * Hp * Wp + Wp)};
     std::vector<T> L(K2 * R * Wp), mx(R * Wp), sum(R * Wp), acc(R * Wp);
     for (int64_t bn = begin; bn < end; ++bn) {
       build_planes(plane(qkv, pe, g, bn), g, scale, B);
-      for (int64_t i0 = 0; i0 < g.H; i0 += R) {
+      for (int64_t i0 = 0; i0 < g.H; i0 += advance) {
         const int64_t i1 = std::min(g.H, i0 + R), n = (i1 - i0) * Wp;
         block_logits(B, g, i0, i1, L.data());
         // Softmax over p, vectorised over the block.
@@ -269,7 +274,12 @@ void backward_s1(const T* grad_out, const T* qkv, const T* pe, const T* lse, con
                  T scale, T* grad_qkv) {
   const int64_t K2 = g.kernel * g.kernel, HW = g.H * g.W, C = g.N * g.d;
   const int64_t Wp = g.W + 2 * g.r, Hp = g.H + 2 * g.r;
-  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
+  // Rows per block: keep the K2 logit rows of a block within ~256 KiB (one row when
+  // only every row_step-th row is wanted).
+  const int64_t R = g.row_step > 1
+                        ? 1
+                        : std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
+  const int64_t advance = g.row_step > 1 ? g.row_step : R;
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
     PaddedPlanes<T> B{Hp, Wp, R, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
                       std::vector<T>(g.d * Hp * Wp + Wp)};
@@ -286,7 +296,7 @@ void backward_s1(const T* grad_out, const T* qkv, const T* pe, const T* lse, con
           for (int64_t j = 0; j < Wp; ++j)
             gp[c * g.H * Wp + i * Wp + j] =
                 j < g.W ? grad_out[(bn * g.d + c) * HW + i * g.W + j] : T(0);
-      for (int64_t i0 = 0; i0 < g.H; i0 += R) {
+      for (int64_t i0 = 0; i0 < g.H; i0 += advance) {
         const int64_t i1 = std::min(g.H, i0 + R), n = (i1 - i0) * Wp;
         block_logits(B, g, i0, i1, A.data());
         for (int64_t i = i0; i < i1; ++i)
@@ -366,12 +376,14 @@ void backward_s1(const T* grad_out, const T* qkv, const T* pe, const T* lse, con
   });
 }
 
-Geometry geometry(const at::Tensor& qkv, int64_t heads, int64_t kernel, bool zeros) {
+Geometry geometry(const at::Tensor& qkv, int64_t heads, int64_t kernel, bool zeros,
+                  int64_t row_step) {
   TORCH_CHECK(qkv.device().is_cpu(), "local_attention_cpu: tensors must be on the CPU");
   TORCH_CHECK(qkv.dim() == 4 && qkv.is_contiguous(),
               "local_attention_cpu: qkv must be a contiguous (B, 3C, H, W) tensor");
   TORCH_CHECK(qkv.size(1) % (3 * heads) == 0, "local_attention_cpu: 3C not divisible by 3 heads");
   TORCH_CHECK(kernel % 2 == 1 && kernel >= 1, "local_attention_cpu: kernel must be odd");
+  TORCH_CHECK(row_step >= 1, "local_attention_cpu: row_step must be >= 1");
   Geometry g;
   g.B = qkv.size(0);
   g.N = heads;
@@ -381,6 +393,7 @@ Geometry geometry(const at::Tensor& qkv, int64_t heads, int64_t kernel, bool zer
   g.kernel = kernel;
   g.r = kernel / 2;
   g.zeros = zeros;
+  g.row_step = row_step;
   TORCH_CHECK(zeros || (g.r < g.H && g.r < g.W),
               "local_attention_cpu: map too small for reflection padding");
   return g;
@@ -388,14 +401,15 @@ Geometry geometry(const at::Tensor& qkv, int64_t heads, int64_t kernel, bool zer
 
 std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::Tensor>& pe,
                                 int64_t heads, int64_t kernel, bool zeros,
-                                double scale) {
-  const Geometry g = geometry(qkv, heads, kernel, zeros);
+                                double scale, int64_t row_step) {
+  const Geometry g = geometry(qkv, heads, kernel, zeros, row_step);
   if (pe.has_value()) {
     TORCH_CHECK(pe->is_contiguous() && pe->numel() == g.d * g.H * g.W &&
                     pe->scalar_type() == qkv.scalar_type(),
                 "local_attention_cpu: pe must be a contiguous (d, H, W) tensor of qkv's dtype");
   }
-  at::Tensor out = at::empty({g.B, g.N * g.d, g.H, g.W}, qkv.options());
+  // Zeros: with row_step > 1 the rows in between are not computed.
+  at::Tensor out = at::zeros({g.B, g.N * g.d, g.H, g.W}, qkv.options());
   at::Tensor lse = at::empty({g.B, g.N, g.H, g.W}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_forward", [&] {
     forward_s1<scalar_t>(qkv.data_ptr<scalar_t>(),
@@ -408,8 +422,8 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::T
 
 at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& qkv,
                     const c10::optional<at::Tensor>& pe, const at::Tensor& lse, int64_t heads,
-                    int64_t kernel, bool zeros, double scale) {
-  const Geometry g = geometry(qkv, heads, kernel, zeros);
+                    int64_t kernel, bool zeros, double scale, int64_t row_step) {
+  const Geometry g = geometry(qkv, heads, kernel, zeros, row_step);
   at::Tensor go = grad_out.contiguous();
   at::Tensor grad_qkv = at::zeros_like(qkv);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_backward", [&] {

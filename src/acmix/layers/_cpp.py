@@ -80,25 +80,28 @@ class CppLocalAttention(torch.autograd.Function):
     """Fused CPU local attention (stride 1) over a fused projection ``qkv (B, 3C, H, W)``.
 
     Saves only ``qkv``, ``pe`` and the log-sum-exp for backward; returns
-    ``(B, C, H, W)``.
+    ``(B, C, H, W)`` in which only the rows ``0, row_step, 2 row_step, ...`` are
+    computed (the others are zero).
     """
 
     @staticmethod
-    def forward(ctx, qkv, pe, heads: int, kernel: int, zeros: bool, scale: float):  # type: ignore[override]
+    def forward(
+        ctx, qkv, pe, heads: int, kernel: int, zeros: bool, scale: float, row_step: int = 1
+    ):  # type: ignore[override]
         ext = cpu_kernel()
         assert ext is not None
-        out, lse = ext.forward(qkv, pe, heads, kernel, zeros, scale)
+        out, lse = ext.forward(qkv, pe, heads, kernel, zeros, scale, row_step)
         ctx.save_for_backward(qkv, pe, lse)
-        ctx.args = (heads, kernel, zeros, scale)
+        ctx.args = (heads, kernel, zeros, scale, row_step)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         qkv, pe, lse = ctx.saved_tensors
-        heads, kernel, zeros, scale = ctx.args
+        heads, kernel, zeros, scale, row_step = ctx.args
         ext = cpu_kernel()
         assert ext is not None
-        grad_qkv = ext.backward(grad_out, qkv, pe, lse, heads, kernel, zeros, scale)
+        grad_qkv = ext.backward(grad_out, qkv, pe, lse, heads, kernel, zeros, scale, row_step)
         grad_pe = None
         if pe is not None and ctx.needs_input_grad[1]:
             # keys enter as k - pe: pe's gradient is minus the keys', summed over batch and heads.
@@ -106,4 +109,4 @@ class CppLocalAttention(torch.autograd.Function):
             C = C3 // 3
             grad_k = grad_qkv[:, C : 2 * C].reshape(B, heads, C // heads, H, W)
             grad_pe = -grad_k.sum(dim=(0, 1)).reshape(pe.shape)
-        return grad_qkv, grad_pe, None, None, None, None
+        return grad_qkv, grad_pe, None, None, None, None, None
