@@ -75,7 +75,7 @@ inline Plane<T> plane(const T* qkv, const T* pe, const Geometry& g, int64_t bn) 
 
 template <typename T>
 struct PaddedPlanes {
-  int64_t Hp, Wp, rows_per_block;
+  int64_t Hp, Wp;
   // q: (d, H * Wp) scaled; k, v: (d, Hp * Wp) plus Wp elements of slack: the
   // extra columns of the last row read (and, in backward, add zeros to) up to
   // 2r elements past the last plane.
@@ -210,7 +210,7 @@ void forward_s1(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T
                         : std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
   const int64_t advance = g.row_step > 1 ? g.row_step : R;
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlanes<T> B{Hp, Wp, R, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
+    PaddedPlanes<T> B{Hp, Wp, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
                       std::vector<T>(g.d * Hp * Wp + Wp)};
     std::vector<T> L(K2 * R * Wp), mx(R * Wp), sum(R * Wp), acc(R * Wp);
     for (int64_t bn = begin; bn < end; ++bn) {
@@ -281,7 +281,7 @@ void backward_s1(const T* grad_out, const T* qkv, const T* pe, const T* lse, con
                         : std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
   const int64_t advance = g.row_step > 1 ? g.row_step : R;
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlanes<T> B{Hp, Wp, R, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
+    PaddedPlanes<T> B{Hp, Wp, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
                       std::vector<T>(g.d * Hp * Wp + Wp)};
     std::vector<T> gk(g.d * Hp * Wp + Wp), gv(g.d * Hp * Wp + Wp), gq(g.d * g.H * Wp), gp(g.d * g.H * Wp);
     std::vector<T> A(K2 * R * Wp), dA(K2 * R * Wp), D(R * Wp), l(R * Wp);

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from acmix.layers._cpp import CppLocalAttention, cpu_kernel
 from acmix.layers.checks import check_choice, check_odd_kernel, check_positive_int
+from acmix.layers.functional import out_size, window_view
 
 Backend = Literal["auto", "cpp", "shift", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "cpp", "shift", "reference")
@@ -65,23 +66,10 @@ __all__ = [
 ]
 
 
-def _out_size(size: int, stride: int) -> int:
-    return (size + stride - 1) // stride  # not -(-a // b): ONNX division truncates
-
-
 def _pad(x: torch.Tensor, r: int, padding: str) -> torch.Tensor:
     if r == 0:
         return x
     return F.pad(x, (r, r, r, r), mode="reflect" if padding == "reflect" else "constant")
-
-
-def _window(x_pad: torch.Tensor, p: int, kernel: int, stride: int, out_hw: tuple[int, int]):
-    """Strided view of a padded ``(..., Hp, Wp)`` map at window position ``p``."""
-    oy, ox = p // kernel, p % kernel
-    Ho, Wo = out_hw
-    return x_pad[
-        ..., oy : oy + stride * (Ho - 1) + 1 : stride, ox : ox + stride * (Wo - 1) + 1 : stride
-    ]
 
 
 def _window_mask_bias(
@@ -92,7 +80,7 @@ def _window_mask_bias(
     ones = torch.ones(1, 1, H, W, dtype=dtype, device=device)
     valid = F.unfold(F.pad(ones, (r, r, r, r)), kernel, stride=stride)
     bias = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
-    return bias.view(kernel * kernel, _out_size(H, stride), _out_size(W, stride))
+    return bias.view(kernel * kernel, out_size(H, stride), out_size(W, stride))
 
 
 # --------------------------------------------------------------------------
@@ -104,7 +92,7 @@ def _unfold_windows(x: torch.Tensor, kernel: int, stride: int, padding: str) -> 
     """``(B, C, H, W)`` -> ``(B, C, K2, H', W')`` windows of the padded map."""
     B, C, H, W = x.shape
     cols = F.unfold(_pad(x, kernel // 2, padding), kernel, stride=stride)
-    return cols.view(B, C, kernel * kernel, _out_size(H, stride), _out_size(W, stride))
+    return cols.view(B, C, kernel * kernel, out_size(H, stride), out_size(W, stride))
 
 
 def local_attention_reference(
@@ -133,7 +121,7 @@ def local_attention_reference(
         ``(B, N, d, H', W')``.
     """
     B, N, d, H, W = q.shape
-    Ho, Wo = _out_size(H, stride), _out_size(W, stride)
+    Ho, Wo = out_size(H, stride), out_size(W, stride)
     K2 = kernel * kernel
     q_c = q[..., ::stride, ::stride].unsqueeze(3)  # (B, N, d, 1, H', W')
     k_u = _unfold_windows(k.reshape(B * N, d, H, W), kernel, stride, padding)
@@ -188,7 +176,7 @@ def _shift_attention_forward(
     K2 = kernel * kernel
     logits = q.new_empty(BN, K2, Ho, Wo)
     for p in range(K2):
-        logits[:, p] = (q * _window(k_pad, p, kernel, stride, (Ho, Wo))).sum(1)
+        logits[:, p] = (q * window_view(k_pad, p, kernel, stride, (Ho, Wo))).sum(1)
     if bias is not None:
         logits = logits + bias
     if q.dtype in (torch.float16, torch.bfloat16):
@@ -197,7 +185,7 @@ def _shift_attention_forward(
         attn = torch.softmax(logits, dim=1)
     out = torch.zeros_like(q)
     for p in range(K2):
-        out.addcmul_(attn[:, p : p + 1], _window(v_pad, p, kernel, stride, (Ho, Wo)))
+        out.addcmul_(attn[:, p : p + 1], window_view(v_pad, p, kernel, stride, (Ho, Wo)))
     return out, attn
 
 
@@ -223,23 +211,27 @@ class _ShiftAttention(torch.autograd.Function):
         if need_v:
             grad_v = torch.zeros_like(v_pad)
             for p in range(K2):
-                _window(grad_v, p, kernel, stride, (Ho, Wo)).addcmul_(attn[:, p : p + 1], grad_out)
+                window_view(grad_v, p, kernel, stride, (Ho, Wo)).addcmul_(
+                    attn[:, p : p + 1], grad_out
+                )
         if need_q or need_k:
             grad_attn = torch.empty_like(attn)
             for p in range(K2):
-                grad_attn[:, p] = (grad_out * _window(v_pad, p, kernel, stride, (Ho, Wo))).sum(1)
+                grad_attn[:, p] = (grad_out * window_view(v_pad, p, kernel, stride, (Ho, Wo))).sum(
+                    1
+                )
             # Softmax backward: dlogit = a * (da - sum(a * da)).
             grad_logits = attn * (grad_attn - (attn * grad_attn).sum(1, keepdim=True))
             if need_q:
                 grad_q = torch.zeros_like(q)
                 for p in range(K2):
                     grad_q.addcmul_(
-                        grad_logits[:, p : p + 1], _window(k_pad, p, kernel, stride, (Ho, Wo))
+                        grad_logits[:, p : p + 1], window_view(k_pad, p, kernel, stride, (Ho, Wo))
                     )
             if need_k:
                 grad_k = torch.zeros_like(k_pad)
                 for p in range(K2):
-                    _window(grad_k, p, kernel, stride, (Ho, Wo)).addcmul_(
+                    window_view(grad_k, p, kernel, stride, (Ho, Wo)).addcmul_(
                         grad_logits[:, p : p + 1], q
                     )
         return grad_q, grad_k, grad_v, None, None, None
@@ -272,7 +264,7 @@ def _shift_attention_mlp(
     logits = torch.stack(
         [
             torch.einsum(
-                "bohw,o->bhw", torch.relu(a + _window(bk, p, kernel, stride, (Ho, Wo))), w2
+                "bohw,o->bhw", torch.relu(a + window_view(bk, p, kernel, stride, (Ho, Wo))), w2
             )
             for p in range(K2)
         ],
@@ -283,7 +275,7 @@ def _shift_attention_mlp(
     attn = torch.softmax(logits, dim=1)
     out = torch.zeros_like(q_c)
     for p in range(K2):
-        out = out + attn[:, p : p + 1] * _window(v_pad, p, kernel, stride, (Ho, Wo))
+        out = out + attn[:, p : p + 1] * window_view(v_pad, p, kernel, stride, (Ho, Wo))
     return out
 
 
@@ -302,10 +294,10 @@ def _cpp_attention(
     pe_c = None if pe is None else pe.reshape(d, H, W).to(qkv.dtype).contiguous()
     s = d**-0.5 if scale is None else scale
     out = CppLocalAttention.apply(
-        qkv.contiguous(), pe_c, heads, kernel, padding == "zeros", float(s)
+        qkv.contiguous(), pe_c, heads, kernel, padding == "zeros", float(s), stride
     )
-    # Stride s: the queries at every s-th pixel from 0, i.e. a subsampling of the
-    # stride-1 result (the kernel's contiguous inner loops make that the faster way).
+    # Stride s: the queries at every s-th pixel from 0. The kernel computes only every
+    # s-th row, at full width (its contiguous inner loops make that the faster way).
     return out if stride == 1 else out[..., ::stride, ::stride]
 
 
@@ -334,20 +326,28 @@ def local_attention_qkv(
     if C3 % (3 * heads):
         raise ValueError(f"qkv has {C3} channels, not a multiple of 3 * heads = {3 * heads}")
     d = C3 // (3 * heads)
-    check_choice("backend", backend, BACKENDS)
-    check_choice("padding", padding, ("reflect", "zeros"))
+    kernel, stride = _check_window_args(kernel, stride, padding, backend, H, W)
     if mlp is None and _use_cpp(backend, qkv):
-        kernel = check_odd_kernel("kernel", kernel)
-        stride = check_positive_int("stride", stride)
-        if padding == "reflect" and (kernel // 2 >= H or kernel // 2 >= W):
-            raise ValueError(
-                f"the {H}x{W} map is too small for reflection padding of a {kernel}x{kernel} "
-                f"window; use padding='zeros' (masked)"
-            )
         return _cpp_attention(qkv, heads, kernel, stride, padding, pe, scale)
     q, k, v = qkv.view(B, 3, heads, d, H, W).unbind(1)
     out = local_attention(q, k, v, kernel, stride, padding, pe, scale, mlp, backend)
     return out.reshape(B, heads * d, out.shape[-2], out.shape[-1])
+
+
+def _check_window_args(
+    kernel: int, stride: int, padding: str, backend: str, H: int, W: int
+) -> tuple[int, int]:
+    """Validate the arguments shared by both entry points; returns ``(kernel, stride)``."""
+    kernel = check_odd_kernel("kernel", kernel)
+    stride = check_positive_int("stride", stride)
+    check_choice("padding", padding, ("reflect", "zeros"))
+    check_choice("backend", backend, BACKENDS)
+    if padding == "reflect" and (kernel // 2 >= H or kernel // 2 >= W):
+        raise ValueError(
+            f"the {H}x{W} map is too small for reflection padding of a {kernel}x{kernel} "
+            f"window; use padding='zeros' (masked)"
+        )
+    return kernel, stride
 
 
 def _use_cpp(backend: str, q: torch.Tensor) -> bool:
@@ -398,22 +398,14 @@ def local_attention(
     Returns:
         ``(B, N, d, H', W')``.
     """
-    kernel = check_odd_kernel("kernel", kernel)
-    stride = check_positive_int("stride", stride)
-    check_choice("padding", padding, ("reflect", "zeros"))
-    check_choice("backend", backend, BACKENDS)
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             "q, k, v must all be (B, N, d, H, W) of one shape, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     B, N, d, H, W = q.shape
+    kernel, stride = _check_window_args(kernel, stride, padding, backend, H, W)
     r = kernel // 2
-    if padding == "reflect" and (r >= H or r >= W):
-        raise ValueError(
-            f"the {H}x{W} map is too small for reflection padding of a {kernel}x{kernel} "
-            f"window; use padding='zeros' (masked)"
-        )
     k = k.to(q.dtype)
     v = v.to(q.dtype)
     if backend == "reference":
@@ -423,7 +415,7 @@ def local_attention(
         qkv = torch.cat((q, k, v), dim=1).reshape(B, 3 * N * d, H, W)
         out = _cpp_attention(qkv, N, kernel, stride, padding, pe, scale)
         return out.view(B, N, d, out.shape[-2], out.shape[-1])
-    Ho, Wo = _out_size(H, stride), _out_size(W, stride)
+    Ho, Wo = out_size(H, stride), out_size(W, stride)
     q_c = q[..., ::stride, ::stride].reshape(B * N, d, Ho, Wo)
     keys = k if pe is None else k - pe.reshape(1, 1, d, H, W).to(q.dtype)
     k_pad = _pad(keys.reshape(B * N, d, H, W), r, padding)

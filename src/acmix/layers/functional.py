@@ -40,11 +40,13 @@ __all__ = [
     "conv_path",
     "conv_path_features",
     "kernel_offsets",
+    "out_size",
     "position_grid",
     "shift2d",
     "shift_kernel",
     "shift_sum",
     "shift_sum_group_conv",
+    "window_view",
 ]
 
 
@@ -78,10 +80,23 @@ def shift2d(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
-def _strided_window(
-    x_pad: torch.Tensor, oy: int, ox: int, out_hw: tuple[int, int], stride: int
+def out_size(size: int, stride: int) -> int:
+    """``ceil(size / stride)``, written so that traced / ONNX graphs get it right.
+
+    (``-(-a // b)`` is wrong in ONNX, whose integer division truncates.)
+    """
+    return (size + stride - 1) // stride
+
+
+def window_view(
+    x_pad: torch.Tensor, p: int, kernel: int, stride: int, out_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """View of a padded map at rows ``oy + stride * i`` and columns ``ox + stride * j``."""
+    """View of a padded ``(..., Hp, Wp)`` map at window position ``p``.
+
+    Rows ``p // kernel + stride * i`` and columns ``p % kernel + stride * j`` for an
+    ``out_hw`` output: what every output pixel reads at that kernel position.
+    """
+    oy, ox = p // kernel, p % kernel
     Ho, Wo = out_hw
     return x_pad[
         ..., oy : oy + stride * (Ho - 1) + 1 : stride, ox : ox + stride * (Wo - 1) + 1 : stride
@@ -111,11 +126,11 @@ def shift_sum(x: torch.Tensor, kernel: int, stride: int = 1, repeat: int = 1) ->
     if kernel * kernel != K2:
         raise ValueError(f"x has {K2} position maps, expected kernel**2 = {kernel * kernel}")
     r = kernel // 2
-    Ho, Wo = (H + stride - 1) // stride, (W + stride - 1) // stride  # ONNX-safe ceil
+    Ho, Wo = out_size(H, stride), out_size(W, stride)
     x_pad = F.pad(x, (r, r, r, r))
     out = x.new_zeros(B, G, Ho, Wo)
     for p in range(K2):
-        out = out + _strided_window(x_pad[:, :, p], p // kernel, p % kernel, (Ho, Wo), stride)
+        out = out + window_view(x_pad[:, :, p], p, kernel, stride, (Ho, Wo))
     if repeat > 1:
         out = out.repeat_interleave(repeat, dim=1)
     return out
