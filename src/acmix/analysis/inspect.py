@@ -41,31 +41,30 @@ class LayerRates:
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load weights safely: safetensors, or ``torch.load(weights_only=True)``.
 
-    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` and a ``module.`` prefix.
+    Reads with :func:`acmix.models.convert.load_checkpoint_file` and unwraps with
+    :func:`~acmix.models.convert.unwrap_state_dict` (``{"model": ...}`` /
+    ``{"state_dict": ...}``, ``module.`` prefixes); a file holding only
+    ``{"model_ema": ...}`` gives the EMA weights.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a readable checkpoint (names the path).
     """
+    from acmix.models.convert import CheckpointError, load_checkpoint_file, unwrap_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: object = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+        raw = load_checkpoint_file(path)
+    except CheckpointError as exc:
+        raise ValueError(f"{path} is not a readable checkpoint: {exc.__cause__ or exc}") from exc
+    if isinstance(raw, dict) and not {"model", "state_dict"} & raw.keys():
+        raw = raw.get("model_ema", raw)
+    try:
+        return unwrap_state_dict(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path} does not hold a state dict of tensors: {exc}") from exc
 
 
 def rates_from_state_dict(sd: dict[str, torch.Tensor]) -> list[LayerRates]:

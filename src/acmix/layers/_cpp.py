@@ -21,7 +21,7 @@ import torch
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "local_attention_cpu.cpp"
 _state: dict[str, ModuleType | None] = {}
 
-__all__ = ["cpu_kernel", "cpu_kernel_available"]
+__all__ = ["CppLocalAttention", "cpu_kernel"]
 
 
 # Tuned for the building machine (-march=native): the build name carries a hash of
@@ -73,11 +73,6 @@ def cpu_kernel() -> ModuleType | None:
         module = None
     _state["module"] = module
     return module
-
-
-def cpu_kernel_available() -> bool:
-    """Whether the fused CPU kernel is (or can be) loaded."""
-    return cpu_kernel() is not None
 
 
 class CppLocalAttention(torch.autograd.Function):
