@@ -74,20 +74,12 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     _configure_convert
 )
 def convert(args: argparse.Namespace) -> int:
-    import ast
 
     from acmix.models.convert import CheckpointError, convert_checkpoint
 
-    kwargs = {}
-    for item in args.model_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            print(f"acmix convert: --model-arg expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value  # a bare string, e.g. mixer=acmix
+    kwargs = parse_model_args(args.model_arg, "convert")
+    if kwargs is None:
+        return 2
     try:
         sd = convert_checkpoint(args.src, args.dst, args.model, **kwargs)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
@@ -113,7 +105,7 @@ save a checkpoint and exit with status 128 + signal number.
 """
 
 
-def _parse_literal_args(items: list[str], prog: str) -> dict | None:
+def parse_model_args(items: list[str], prog: str) -> dict | None:
     """``KEY=VALUE`` strings -> kwargs (VALUE a Python literal, else a bare string)."""
     import ast
 
@@ -121,7 +113,7 @@ def _parse_literal_args(items: list[str], prog: str) -> dict | None:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            print(f"acmix {prog}: expected KEY=VALUE, got {item!r}", file=sys.stderr)
+            print(f"acmix {prog}: --model-arg expects KEY=VALUE, got {item!r}", file=sys.stderr)
             return None
         try:
             out[key] = ast.literal_eval(value)
@@ -326,7 +318,7 @@ def predict_cmd(args: argparse.Namespace) -> int:
 
     from acmix.engine import CheckpointError, load_model, predict_images
 
-    kwargs = _parse_literal_args(args.model_arg, "predict")
+    kwargs = parse_model_args(args.model_arg, "predict")
     if kwargs is None:
         return 2
     try:
@@ -385,7 +377,7 @@ def export_cmd(args: argparse.Namespace) -> int:
     if args.checkpoint is None and args.model is None:
         print("acmix export: error: give --checkpoint or --model", file=sys.stderr)
         return 2
-    kwargs = _parse_literal_args(args.model_arg, "export")
+    kwargs = parse_model_args(args.model_arg, "export")
     if kwargs is None:
         return 2
     try:

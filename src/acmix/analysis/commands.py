@@ -225,7 +225,6 @@ def _load_images(paths: list[Path], size: int, in_chans: int):
     _configure_inspect
 )
 def inspect_cmd(args: argparse.Namespace) -> int:
-    import ast
 
     from acmix.analysis.inspect import (
         format_rates,
@@ -248,14 +247,11 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         import timm
 
         import acmix.models  # noqa: F401
+        from acmix.cli import parse_model_args
 
-        kwargs = {}
-        for item in args.model_arg:
-            key, _, value = item.partition("=")
-            try:
-                kwargs[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                kwargs[key] = value
+        kwargs = parse_model_args(args.model_arg, "inspect")
+        if kwargs is None:
+            return 2
         model = timm.create_model(args.model, **kwargs)
         model.load_state_dict(sd)
         in_chans = (
