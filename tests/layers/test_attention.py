@@ -70,6 +70,9 @@ SWEEP = [
     (1, 2, 4, 10, 7, 3, 3),
     (1, 2, 4, 6, 6, 1, 1),
     (1, 1, 4, 2, 3, 5, 1),
+    # several row blocks in the CPU kernel, channel tiles of 8 plus a remainder
+    (1, 1, 12, 45, 30, 7, 1),
+    (1, 1, 16, 50, 33, 7, 2),
 ]
 
 
@@ -183,6 +186,23 @@ def test_cpp_float32_and_auto_selection() -> None:
     # auto falls back to the PyTorch shift path where the kernel does not apply
     out = local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 5, backend="auto")
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("padding", ["reflect", "zeros"])
+def test_cpp_float32_fwd_bwd_match_float64_reference(padding) -> None:
+    # float32 uses the kernel's vectorised exp: it must stay within float32 rounding.
+    q, k, v = _qkv((2, 2, 16, 40, 23), grad=True)
+    pe = torch.randn(1, 16, 40, 23, dtype=torch.float64, requires_grad=True)
+    inputs = [q, k, v, pe]
+    ref = local_attention(q, k, v, 7, 1, padding, pe, backend="reference")
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * g).sum(), inputs)
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+    out = local_attention(*inputs32[:3], 7, 1, padding, inputs32[3], backend="cpp")
+    grads = torch.autograd.grad((out * g.float()).sum(), inputs32)
+    assert max_abs(out.double(), ref) < 2e-6
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert max_abs(a.double(), b) < 2e-5 * b.abs().max().item()
 
 
 def test_cpp_disabled_by_environment(monkeypatch) -> None:

@@ -18,12 +18,14 @@ SCRIPT = textwrap.dedent(
     import itertools, sys, torch
     from torch.utils.cpp_extension import load
     ext = load(name="acmix_asan_check", sources=[sys.argv[1]], build_directory=sys.argv[2],
-               extra_cflags=["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],
-               extra_ldflags=["-fsanitize=address"])
+               extra_cflags=["-O1", "-g", "-fopenmp", "-march=native", "-fsanitize=address",
+                             "-fno-omit-frame-pointer"],
+               extra_ldflags=["-fsanitize=address", "-fopenmp"])
     torch.manual_seed(0)
     shapes = [(2, 2, 4, 7, 7, 7, False), (1, 2, 3, 2, 3, 7, True), (1, 1, 8, 1, 1, 5, True),
               (2, 4, 16, 28, 28, 7, False), (1, 3, 5, 9, 11, 3, True), (1, 2, 4, 14, 5, 5, False),
-              (2, 2, 16, 13, 40, 7, True), (1, 1, 2, 6, 6, 9, True)]
+              (2, 2, 16, 13, 40, 7, True), (1, 1, 2, 6, 6, 9, True),
+              (1, 2, 8, 61, 30, 7, False), (1, 1, 4, 70, 17, 7, True)]
     for dt, (B, N, d, H, W, k, zeros) in itertools.product((torch.float32, torch.float64), shapes):
         qkv = torch.randn(B, 3 * N * d, H, W, dtype=dt)
         pe = torch.randn(d, H, W, dtype=dt)

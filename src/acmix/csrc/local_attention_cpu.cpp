@@ -8,29 +8,164 @@
 //                 appear twice and then count twice, as in the authors' code);
 //   zeros mode:   out-of-image keys are excluded from the softmax.
 // logit = scale * q_c . (k_n - pe_n)   (q_c . pe_c is constant over the window
-// and cancels in the softmax). Stride 1 only: the caller takes every s-th
-// query of the result for stride s (the same function, at full resolution).
+// and cancels in the softmax). Strided queries: only rows 0, s, 2s, ... are
+// computed, at full width; the caller takes every s-th column.
 //
-// Per (batch, head) plane the keys and values are copied once into padded
-// planes (a few hundred KiB, per thread); every inner loop then runs over a
-// contiguous block of rows with one constant offset per window position. The
-// forward returns the log-sum-exp; the backward recomputes the weights from it
-// and writes the gradient of qkv in one buffer (pe's follows from the keys').
+// Layout. Per (batch, head) plane the keys (k - pe) and values are copied once
+// into padded planes of width Wp = W + 2r, and the scaled queries into a plane
+// of the same width. Query (i, j) has the flat index x = i * Wp + j and its key
+// at window position p the flat index x + off[p], off[p] = oy * Wp + ox: one
+// constant offset per p, so every loop runs over a contiguous block of rows
+// with no border cases (the 2r extra columns per row are computed and dropped).
+//
+// All the work is four register-tiled primitives over those flat index spaces
+// (logits, aggregation, and, in the backward, the same two on gradients plus
+// their transposes), a vectorised exp and a few elementwise passes. The
+// forward returns the log-sum-exp; the backward recomputes the weights from it.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace {
 
+// Elements per tile column: one 64-byte vector (AVX-512) or two 32-byte ones.
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------
+// exp. float: Cephes' single-precision range reduction and polynomial (about
+// 1 ulp), written so the compiler vectorises it; double: std::exp.
+// ---------------------------------------------------------------------------
+
+inline float exp_approx(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float t = xc * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float s = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * s;
+}
+
+// a[x] = exp(a[x] - m[x]) for x in [0, n).
+inline void exp_sub(float* __restrict__ a, const float* __restrict__ m, int64_t n) {
+#pragma omp simd
+  for (int64_t x = 0; x < n; ++x) a[x] = exp_approx(a[x] - m[x]);
+}
+inline void exp_sub(double* __restrict__ a, const double* __restrict__ m, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) a[x] = std::exp(a[x] - m[x]);
+}
+
+// ---------------------------------------------------------------------------
+// Register-tiled primitives. Every pointer array holds one pointer per window
+// position; tiles cover kLanes * U consecutive flat positions, so the caller
+// rounds n up and gives every buffer that much slack.
+// ---------------------------------------------------------------------------
+
+// Dots: out[p][x] = sum_c a[c * sa + x] * b[p][c * sb + x] for p in [p0, p0 + M).
+// M accumulator tiles stay in registers across all channels: per channel one
+// load of a and M loads of b for M vector FMAs.
+template <typename T, int M>
+void dots_tile(const T* a, int64_t sa, const T* const* b, int64_t sb, int64_t d, int64_t n,
+               T* out, int64_t so) {
+  constexpr int V = kLanes<T>;
+  for (int64_t x0 = 0; x0 < n; x0 += V) {
+    T acc[M][V] = {};
+    for (int64_t c = 0; c < d; ++c) {
+      const T* __restrict__ ac = a + c * sa + x0;
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        const T* __restrict__ bc = b[m] + c * sb + x0;
+#pragma omp simd
+        for (int v = 0; v < V; ++v) acc[m][v] += ac[v] * bc[v];
+      }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+#pragma omp simd
+      for (int v = 0; v < V; ++v) out[m * so + x0 + v] = acc[m][v];
+    }
+  }
+}
+
+template <typename T>
+void dots(const T* a, int64_t sa, const T* const* b, int64_t sb, int64_t d, int64_t n,
+          int64_t K2, T* out, int64_t so) {
+  constexpr int64_t M = 7;
+  int64_t p = 0;
+  for (; p + M <= K2; p += M) dots_tile<T, M>(a, sa, b + p, sb, d, n, out + p * so, so);
+  const T* const* bp = b + p;
+  T* op = out + p * so;
+  switch (K2 - p) {
+    case 1: dots_tile<T, 1>(a, sa, bp, sb, d, n, op, so); break;
+    case 2: dots_tile<T, 2>(a, sa, bp, sb, d, n, op, so); break;
+    case 3: dots_tile<T, 3>(a, sa, bp, sb, d, n, op, so); break;
+    case 4: dots_tile<T, 4>(a, sa, bp, sb, d, n, op, so); break;
+    case 5: dots_tile<T, 5>(a, sa, bp, sb, d, n, op, so); break;
+    case 6: dots_tile<T, 6>(a, sa, bp, sb, d, n, op, so); break;
+    default: break;
+  }
+}
+
+// Weighted sums: out[c * so + x] (+)= sum_p w[p][x] * b[p][c * sb + x], channels
+// [c0, c0 + CT). CT accumulator tiles stay in registers across all window
+// positions: per position one load of w and CT loads of b for CT vector FMAs.
+template <typename T, int CT, bool kAccumulate>
+void wsum_tile(const T* const* w, const T* const* b, int64_t sb, int64_t K2, int64_t c0,
+               int64_t n, T* out, int64_t so) {
+  constexpr int V = kLanes<T>;
+  for (int64_t x0 = 0; x0 < n; x0 += V) {
+    T acc[CT][V] = {};
+    for (int64_t p = 0; p < K2; ++p) {
+      const T* __restrict__ wp = w[p] + x0;
+      const T* __restrict__ bp = b[p] + c0 * sb + x0;
+#pragma GCC unroll 16
+      for (int c = 0; c < CT; ++c) {
+#pragma omp simd
+        for (int v = 0; v < V; ++v) acc[c][v] += wp[v] * bp[c * sb + v];
+      }
+    }
+#pragma GCC unroll 16
+    for (int c = 0; c < CT; ++c) {
+      T* __restrict__ o = out + (c0 + c) * so + x0;
+#pragma omp simd
+      for (int v = 0; v < V; ++v) o[v] = kAccumulate ? o[v] + acc[c][v] : acc[c][v];
+    }
+  }
+}
+
+template <typename T, bool kAccumulate>
+void wsum(const T* const* w, const T* const* b, int64_t sb, int64_t K2, int64_t d, int64_t n,
+          T* out, int64_t so) {
+  constexpr int64_t CT = 8;
+  int64_t c = 0;
+  for (; c + CT <= d; c += CT) wsum_tile<T, CT, kAccumulate>(w, b, sb, K2, c, n, out, so);
+  for (; c < d; ++c) wsum_tile<T, 1, kAccumulate>(w, b, sb, K2, c, n, out, so);
+}
+
+// ---------------------------------------------------------------------------
+// Per-plane geometry and buffers.
+// ---------------------------------------------------------------------------
+
 struct Geometry {
   int64_t B, N, d, H, W, kernel, r;
   bool zeros;        // masked zero padding (else reflection)
-  int64_t row_step;  // process only rows 0, row_step, 2 row_step, ... (strided queries)
+  int64_t row_step;  // queries only in rows 0, row_step, 2 row_step, ...
 };
 
 inline int64_t reflect(int64_t x, int64_t n) {
@@ -45,224 +180,172 @@ inline int64_t source(int64_t x, int64_t n, bool zeros) {
   return zeros ? -1 : reflect(x, n);
 }
 
+// Flat index spaces of one (batch, head) plane and its scratch buffers.
 template <typename T>
-struct Plane {
-  const T* q;   // (d, H, W)
-  const T* k;   // (d, H, W)
-  const T* v;   // (d, H, W)
-  const T* pe;  // (d, H, W) or nullptr
-};
-
-// The q, k, v planes of (batch, head) plane bn inside qkv (B, 3C, H, W).
-template <typename T>
-inline Plane<T> plane(const T* qkv, const T* pe, const Geometry& g, int64_t bn) {
-  const int64_t b = bn / g.N, n = bn % g.N, HW = g.H * g.W, C = g.N * g.d;
-  const T* base = qkv + (b * 3 * C + n * g.d) * HW;
-  return {base, base + C * HW, base + 2 * C * HW, pe};
-}
-
-// ---------------------------------------------------------------------------
-// Padded planes, flat row-major index spaces.
-//
-// Per (batch, head) plane the keys (k - pe) and values are copied once into
-// padded planes of width Wp = W + 2r, and the scaled queries into a plane of
-// the same width. Then for window position p = (oy, ox) the key of query
-// (i, j) sits at flat index (i + oy) * Wp + j + ox = x + oy * Wp + ox with
-// x = i * Wp + j: one constant offset per p. Every inner loop runs over a
-// contiguous block of rows (no border cases); the 2r extra columns per row
-// are computed and ignored (masked to weight 0 in the backward).
-// ---------------------------------------------------------------------------
-
-template <typename T>
-struct PaddedPlanes {
-  int64_t Hp, Wp;
-  // q: (d, H * Wp) scaled; k, v: (d, Hp * Wp) plus Wp elements of slack: the
-  // extra columns of the last row read (and, in backward, add zeros to) up to
-  // 2r elements past the last plane.
+struct Workspace {
+  int64_t H, W, d, K2, r, Wp, Hp;
+  int64_t R;      // query rows per block
+  int64_t slack;  // lanes of slack after every channel (tiles overrun n by < V)
+  int64_t M;      // margin before / after a weight row: the largest window offset, rounded
+  int64_t sq;     // channel stride of query-layout planes (H rows of Wp) plus slack
+  int64_t sk;     // channel stride of key-layout planes (Hp rows of Wp) plus slack
+  int64_t sL;     // stride of one weight row: margin, R * Wp (rounded), margin
+  std::vector<int64_t> off;  // window offsets
+  // The query-layout planes have a front margin of M elements: the transposed
+  // sums read up to M before a block (where the weights are zero).
   std::vector<T> q, k, v;
+
+  Workspace(const Geometry& g, bool strided_forward)
+      : H(g.H), W(g.W), d(g.d), K2(g.kernel * g.kernel), r(g.r) {
+    constexpr int64_t V = kLanes<T>;
+    Wp = W + 2 * r;
+    Hp = H + 2 * r;
+    // Keep a block's K2 weight rows within ~256 KiB (one row when the forward
+    // only wants every row_step-th row).
+    R = strided_forward ? 1
+                        : std::max<int64_t>(
+                              1, std::min<int64_t>(H, (int64_t(1) << 16) / (K2 * Wp)));
+    slack = 4 * V + 2 * r;
+    M = round_up((g.kernel - 1) * Wp + (g.kernel - 1), V);
+    sq = round_up(H * Wp + slack, V);
+    sk = round_up(Hp * Wp + slack, V);
+    sL = M + round_up(R * Wp, V) + M + V;
+    off.resize(K2);
+    for (int64_t p = 0; p < K2; ++p) off[p] = (p / g.kernel) * Wp + p % g.kernel;
+    q.assign(M + d * sq + M, T(0));
+    k.assign(d * sk, T(0));
+    v.assign(d * sk, T(0));
+  }
+
+  T* qp() { return q.data() + M; }
 };
 
 template <typename T>
-void build_planes(const Plane<T>& P, const Geometry& g, T scale, PaddedPlanes<T>& B) {
-  const int64_t HW = g.H * g.W, Hp = B.Hp, Wp = B.Wp, r = g.r;
+void build_planes(const T* qkv, const T* pe, const Geometry& g, int64_t bn, T scale,
+                  Workspace<T>& S) {
+  const int64_t b = bn / g.N, nh = bn % g.N, HW = g.H * g.W, C = g.N * g.d;
+  const T* Q = qkv + (b * 3 * C + nh * g.d) * HW;
+  const T* K = Q + C * HW;
+  const T* Vv = Q + 2 * C * HW;
+  const int64_t Wp = S.Wp, r = g.r;
   for (int64_t c = 0; c < g.d; ++c) {
-    const T* qs = P.q + c * HW;
-    T* qd = B.q.data() + c * g.H * Wp;
+    T* qd = S.qp() + c * S.sq;
     for (int64_t i = 0; i < g.H; ++i) {
-      for (int64_t j = 0; j < g.W; ++j) qd[i * Wp + j] = qs[i * g.W + j] * scale;
-      for (int64_t j = g.W; j < Wp; ++j) qd[i * Wp + j] = T(0);
+      const T* qs = Q + c * HW + i * g.W;
+      for (int64_t j = 0; j < g.W; ++j) qd[i * Wp + j] = qs[j] * scale;
+      // columns [W, Wp) stay 0 from construction
     }
-    const T* ks = P.k + c * HW;
-    const T* vs = P.v + c * HW;
-    const T* ps = P.pe ? P.pe + c * HW : nullptr;
-    T* kd = B.k.data() + c * Hp * Wp;
-    T* vd = B.v.data() + c * Hp * Wp;
-    for (int64_t yp = 0; yp < Hp; ++yp) {
+    const T* ks = K + c * HW;
+    const T* vs = Vv + c * HW;
+    const T* ps = pe ? pe + c * HW : nullptr;
+    T* kd = S.k.data() + c * S.sk;
+    T* vd = S.v.data() + c * S.sk;
+    for (int64_t yp = 0; yp < S.Hp; ++yp) {
+      T* __restrict__ kr = kd + yp * Wp;
+      T* __restrict__ vr = vd + yp * Wp;
       const int64_t y = source(yp - r, g.H, g.zeros);
-      for (int64_t xp = 0; xp < Wp; ++xp) {
-        const int64_t x = source(xp - r, g.W, g.zeros);
-        const int64_t o = yp * Wp + xp;
-        if (y < 0 || x < 0) {
-          kd[o] = T(0);
-          vd[o] = T(0);
-        } else {
-          kd[o] = ks[y * g.W + x] - (ps ? ps[y * g.W + x] : T(0));
-          vd[o] = vs[y * g.W + x];
+      if (y < 0) {
+        std::fill(kr, kr + Wp, T(0));
+        std::fill(vr, vr + Wp, T(0));
+        continue;
+      }
+      const T* __restrict__ kin = ks + y * g.W;
+      const T* __restrict__ vin = vs + y * g.W;
+      if (ps) {
+        const T* __restrict__ pin = ps + y * g.W;
+#pragma omp simd
+        for (int64_t j = 0; j < g.W; ++j) kr[r + j] = kin[j] - pin[j];
+      } else {
+        std::memcpy(kr + r, kin, g.W * sizeof(T));
+      }
+      std::memcpy(vr + r, vin, g.W * sizeof(T));
+      for (int64_t e = 0; e < r; ++e) {  // the 2r border columns: copies of interior ones or 0
+        for (const int64_t xp : {e, Wp - 1 - e}) {
+          const int64_t x = source(xp - r, g.W, g.zeros);
+          kr[xp] = x < 0 ? T(0) : kr[r + x];
+          vr[xp] = x < 0 ? T(0) : vr[r + x];
         }
       }
     }
   }
 }
 
-// Logits of rows [i0, i1) into L[p * n + x], x = (i - i0) * Wp + j, n = (i1 - i0) * Wp.
-// Register-tiled logits for a compile-time kernel size K: for V consecutive
-// positions and one window row oy, the K accumulators (one per ox) stay in
-// registers across all d channels, so each channel costs one query load and K
-// key loads for K vector FMAs, and L is written once. Positions [0, tiled) of
-// the block are done here, the tail by the generic loop.
-template <typename T, int K>
-int64_t block_logits_tiled(const PaddedPlanes<T>& B, const Geometry& g, int64_t i0, int64_t n,
-                           T* __restrict__ L) {
-  constexpr int V = 64 / sizeof(T) * 2;  // two 64-byte vectors of positions
-  const int64_t Wp = B.Wp, qs = g.H * Wp, ks = B.Hp * Wp;
-  const int64_t tiled = n / V * V;
-  for (int64_t x0 = 0; x0 < tiled; x0 += V) {
-    for (int oy = 0; oy < K; ++oy) {
-      T acc[K][V] = {};
-      const T* qb = B.q.data() + i0 * Wp + x0;
-      const T* kb = B.k.data() + (i0 + oy) * Wp + x0;
-      for (int64_t c = 0; c < g.d; ++c) {
-        const T* __restrict__ q = qb + c * qs;
-        const T* __restrict__ k = kb + c * ks;
-#pragma GCC unroll 8
-        for (int ox = 0; ox < K; ++ox) {
-#pragma omp simd
-          for (int v = 0; v < V; ++v) acc[ox][v] += q[v] * k[v + ox];
-        }
-      }
-      for (int ox = 0; ox < K; ++ox) {
-        T* __restrict__ Lp = L + (oy * K + ox) * n + x0;
-#pragma omp simd
-        for (int v = 0; v < V; ++v) Lp[v] = acc[ox][v];
-      }
-    }
-  }
-  return tiled;
-}
-
+// Logits of query rows [i0, i1) into L[p * sL + x], x in [0, nr).
 template <typename T>
-void block_logits(const PaddedPlanes<T>& B, const Geometry& g, int64_t i0, int64_t i1,
-                  T* __restrict__ L) {
-  const int64_t K2 = g.kernel * g.kernel, Wp = B.Wp, n = (i1 - i0) * Wp;
+void block_logits(Workspace<T>& S, const Geometry& g, int64_t i0, int64_t i1, int64_t nr,
+                  T* L, std::vector<const T*>& ptr) {
+  const int64_t Wp = S.Wp, base = i0 * Wp;
+  for (int64_t p = 0; p < S.K2; ++p) ptr[p] = S.k.data() + base + S.off[p];
+  dots(S.qp() + base, S.sq, ptr.data(), S.sk, g.d, nr, S.K2, L, S.sL);
+  if (!g.zeros) return;
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  int64_t start = 0;  // positions before `start` were done by a tiled kernel
-  switch (g.kernel) {
-    case 3: start = block_logits_tiled<T, 3>(B, g, i0, n, L); break;
-    case 5: start = block_logits_tiled<T, 5>(B, g, i0, n, L); break;
-    case 7: start = block_logits_tiled<T, 7>(B, g, i0, n, L); break;
-    default: break;
-  }
-  for (int64_t p = 0; p < K2; ++p) {
+  for (int64_t p = 0; p < S.K2; ++p) {  // out-of-image keys leave the softmax
     const int64_t oy = p / g.kernel, ox = p % g.kernel;
-    T* __restrict__ Lp = L + p * n;
-    for (int64_t x = start; x < n; ++x) Lp[x] = T(0);
-    const int64_t qs = g.H * Wp, ks = B.Hp * Wp;  // channel strides
-    int64_t c = 0;
-    for (; c + 4 <= g.d; c += 4) {  // four channels per pass: a quarter of the L traffic
-      const T* __restrict__ q = B.q.data() + c * qs + i0 * Wp;
-      const T* __restrict__ k = B.k.data() + c * ks + (i0 + oy) * Wp + ox;
-#pragma omp simd
-      for (int64_t x = start; x < n; ++x)
-        Lp[x] += q[x] * k[x] + q[x + qs] * k[x + ks] + q[x + 2 * qs] * k[x + 2 * ks] +
-                 q[x + 3 * qs] * k[x + 3 * ks];
-    }
-    for (; c < g.d; ++c) {
-      const T* __restrict__ q = B.q.data() + c * qs + i0 * Wp;
-      const T* __restrict__ k = B.k.data() + c * ks + (i0 + oy) * Wp + ox;
-#pragma omp simd
-      for (int64_t x = start; x < n; ++x) Lp[x] += q[x] * k[x];
-    }
-    if (g.zeros) {  // out-of-image keys leave the softmax
-      for (int64_t i = i0; i < i1; ++i) {
-        T* row = Lp + (i - i0) * Wp;
-        const int64_t y = i + oy - g.r;
-        if (y < 0 || y >= g.H) {
-          for (int64_t j = 0; j < Wp; ++j) row[j] = neg_inf;
-          continue;
-        }
-        for (int64_t j = 0; j < g.W; ++j) {
-          const int64_t xx = j + ox - g.r;
-          if (xx < 0 || xx >= g.W) row[j] = neg_inf;
-        }
+    for (int64_t i = i0; i < i1; ++i) {
+      T* row = L + p * S.sL + (i - i0) * Wp;
+      const int64_t y = i + oy - g.r;
+      if (y < 0 || y >= g.H) {
+        for (int64_t j = 0; j < g.W; ++j) row[j] = neg_inf;
+        continue;
+      }
+      for (int64_t j = 0; j < g.W; ++j) {
+        const int64_t xx = j + ox - g.r;
+        if (xx < 0 || xx >= g.W) row[j] = neg_inf;
       }
     }
   }
 }
 
 template <typename T>
-void forward_s1(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T* lse) {
-  const int64_t K2 = g.kernel * g.kernel, HW = g.H * g.W;
-  const int64_t Wp = g.W + 2 * g.r, Hp = g.H + 2 * g.r;
-  // Rows per block: keep the K2 logit rows of a block within ~256 KiB (one row when
-  // only every row_step-th row is wanted).
-  const int64_t R = g.row_step > 1
-                        ? 1
-                        : std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
-  const int64_t advance = g.row_step > 1 ? g.row_step : R;
+void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T* lse) {
+  const int64_t HW = g.H * g.W;
+  const bool strided = g.row_step > 1;
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlanes<T> B{Hp, Wp, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
-                      std::vector<T>(g.d * Hp * Wp + Wp)};
-    std::vector<T> L(K2 * R * Wp), mx(R * Wp), sum(R * Wp), acc(R * Wp);
+    Workspace<T> S(g, strided);
+    constexpr int64_t V = kLanes<T>;
+    const int64_t Wp = S.Wp, K2 = S.K2, nmax = round_up(S.R * Wp, V) + V;
+    std::vector<T> Lbuf(K2 * S.sL, T(0)), mx(nmax), sum(nmax), acc(g.d * nmax);
+    std::vector<const T*> ptr(K2), wptr(K2);
+    T* L = Lbuf.data() + S.M;
+    for (int64_t p = 0; p < K2; ++p) wptr[p] = L + p * S.sL;
+    const int64_t advance = strided ? g.row_step : S.R;
     for (int64_t bn = begin; bn < end; ++bn) {
-      build_planes(plane(qkv, pe, g, bn), g, scale, B);
+      build_planes(qkv, pe, g, bn, scale, S);
       for (int64_t i0 = 0; i0 < g.H; i0 += advance) {
-        const int64_t i1 = std::min(g.H, i0 + R), n = (i1 - i0) * Wp;
-        block_logits(B, g, i0, i1, L.data());
+        const int64_t i1 = std::min(g.H, i0 + S.R), n = (i1 - i0) * Wp, nr = round_up(n, V);
+        block_logits(S, g, i0, i1, nr, L, ptr);
         // Softmax over p, vectorised over the block.
-        for (int64_t x = 0; x < n; ++x) mx[x] = -std::numeric_limits<T>::infinity();
+        std::fill(mx.begin(), mx.begin() + nr, -std::numeric_limits<T>::infinity());
         for (int64_t p = 0; p < K2; ++p) {
-          const T* Lp = L.data() + p * n;
-          for (int64_t x = 0; x < n; ++x) mx[x] = Lp[x] > mx[x] ? Lp[x] : mx[x];
-        }
-        for (int64_t x = 0; x < n; ++x) sum[x] = T(0);
-        for (int64_t p = 0; p < K2; ++p) {
-          T* __restrict__ Lp = L.data() + p * n;
+          const T* __restrict__ Lp = L + p * S.sL;
+          T* __restrict__ m = mx.data();
 #pragma omp simd
-          for (int64_t x = 0; x < n; ++x) Lp[x] = std::exp(Lp[x] - mx[x]);
-          for (int64_t x = 0; x < n; ++x) sum[x] += Lp[x];
+          for (int64_t x = 0; x < nr; ++x) m[x] = Lp[x] > m[x] ? Lp[x] : m[x];
+        }
+        std::fill(sum.begin(), sum.begin() + nr, T(0));
+        for (int64_t p = 0; p < K2; ++p) {
+          T* __restrict__ Lp = L + p * S.sL;
+          T* __restrict__ s = sum.data();
+          exp_sub(Lp, mx.data(), nr);
+#pragma omp simd
+          for (int64_t x = 0; x < nr; ++x) s[x] += Lp[x];
         }
         for (int64_t i = i0; i < i1; ++i)
           for (int64_t j = 0; j < g.W; ++j) {
             const int64_t x = (i - i0) * Wp + j;
             lse[bn * HW + i * g.W + j] = mx[x] + std::log(sum[x]);
           }
-        for (int64_t x = 0; x < n; ++x) sum[x] = T(1) / sum[x];
+        // Unnormalised weighted sum of the values, then scaled by 1 / sum.
+        for (int64_t p = 0; p < K2; ++p) ptr[p] = S.v.data() + i0 * Wp + S.off[p];
+        wsum<T, false>(wptr.data(), ptr.data(), S.sk, K2, g.d, nr, acc.data(), nmax);
         for (int64_t c = 0; c < g.d; ++c) {
-          for (int64_t x = 0; x < n; ++x) acc[x] = T(0);
-          T* __restrict__ ac = acc.data();
-          const T* vc = B.v.data() + c * Hp * Wp + i0 * Wp;
-          int64_t p = 0;
-          for (; p + 4 <= K2; p += 4) {  // four window positions per pass
-            const T* __restrict__ a = L.data() + p * n;
-            const T* __restrict__ v0 = vc + (p / g.kernel) * Wp + p % g.kernel;
-            const T* __restrict__ v1 = vc + ((p + 1) / g.kernel) * Wp + (p + 1) % g.kernel;
-            const T* __restrict__ v2 = vc + ((p + 2) / g.kernel) * Wp + (p + 2) % g.kernel;
-            const T* __restrict__ v3 = vc + ((p + 3) / g.kernel) * Wp + (p + 3) % g.kernel;
-#pragma omp simd
-            for (int64_t x = 0; x < n; ++x)
-              ac[x] += a[x] * v0[x] + a[x + n] * v1[x] + a[x + 2 * n] * v2[x] +
-                       a[x + 3 * n] * v3[x];
-          }
-          for (; p < K2; ++p) {
-            const T* __restrict__ a = L.data() + p * n;
-            const T* __restrict__ v = vc + (p / g.kernel) * Wp + p % g.kernel;
-#pragma omp simd
-            for (int64_t x = 0; x < n; ++x) ac[x] += a[x] * v[x];
-          }
           T* o = out + (bn * g.d + c) * HW;
+          const T* a = acc.data() + c * nmax;
           for (int64_t i = i0; i < i1; ++i)
-            for (int64_t j = 0; j < g.W; ++j)
-              o[i * g.W + j] = acc[(i - i0) * Wp + j] * sum[(i - i0) * Wp + j];
+            for (int64_t j = 0; j < g.W; ++j) {
+              const int64_t x = (i - i0) * Wp + j;
+              o[i * g.W + j] = a[x] / sum[x];
+            }
         }
       }
     }
@@ -270,86 +353,83 @@ void forward_s1(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T
 }
 
 template <typename T>
-void backward_s1(const T* grad_out, const T* qkv, const T* pe, const T* lse, const Geometry& g,
-                 T scale, T* grad_qkv) {
-  const int64_t K2 = g.kernel * g.kernel, HW = g.H * g.W, C = g.N * g.d;
-  const int64_t Wp = g.W + 2 * g.r, Hp = g.H + 2 * g.r;
-  // Rows per block: keep the K2 logit rows of a block within ~256 KiB (one row when
-  // only every row_step-th row is wanted).
-  const int64_t R = g.row_step > 1
-                        ? 1
-                        : std::max<int64_t>(1, std::min<int64_t>(g.H, (1 << 16) / (K2 * Wp)));
-  const int64_t advance = g.row_step > 1 ? g.row_step : R;
+void backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* lse,
+                         const Geometry& g, T scale, T* grad_qkv) {
+  const int64_t HW = g.H * g.W, C = g.N * g.d;
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
-    PaddedPlanes<T> B{Hp, Wp, std::vector<T>(g.d * g.H * Wp), std::vector<T>(g.d * Hp * Wp + Wp),
-                      std::vector<T>(g.d * Hp * Wp + Wp)};
-    std::vector<T> gk(g.d * Hp * Wp + Wp), gv(g.d * Hp * Wp + Wp), gq(g.d * g.H * Wp), gp(g.d * g.H * Wp);
-    std::vector<T> A(K2 * R * Wp), dA(K2 * R * Wp), D(R * Wp), l(R * Wp);
+    Workspace<T> S(g, false);
+    constexpr int64_t V = kLanes<T>;
+    const int64_t Wp = S.Wp, K2 = S.K2, M = S.M, nmax = round_up(S.R * Wp, V) + V;
+    // Padded-key-layout gradients, query-layout gradient and output gradient (the
+    // latter with the same front margin as the queries).
+    std::vector<T> gk(g.d * S.sk), gv(g.d * S.sk), gq(g.d * S.sq), gob(M + g.d * S.sq + M, T(0));
+    std::vector<T> Abuf(K2 * S.sL, T(0)), dAbuf(K2 * S.sL, T(0)), D(nmax), l(nmax);
+    std::vector<const T*> ptr(K2), wptr(K2), wptr2(K2);
+    T* A = Abuf.data() + M;
+    T* dA = dAbuf.data() + M;
+    T* go = gob.data() + M;
     for (int64_t bn = begin; bn < end; ++bn) {
-      build_planes(plane(qkv, pe, g, bn), g, scale, B);
+      build_planes(qkv, pe, g, bn, scale, S);
       std::fill(gk.begin(), gk.end(), T(0));
       std::fill(gv.begin(), gv.end(), T(0));
-      std::fill(gq.begin(), gq.end(), T(0));
-      // The output gradient in the padded-width layout (extra columns 0).
-      for (int64_t c = 0; c < g.d; ++c)
+      for (int64_t c = 0; c < g.d; ++c)  // output gradient, padded width (extra columns 0)
         for (int64_t i = 0; i < g.H; ++i)
-          for (int64_t j = 0; j < Wp; ++j)
-            gp[c * g.H * Wp + i * Wp + j] =
-                j < g.W ? grad_out[(bn * g.d + c) * HW + i * g.W + j] : T(0);
-      for (int64_t i0 = 0; i0 < g.H; i0 += advance) {
-        const int64_t i1 = std::min(g.H, i0 + R), n = (i1 - i0) * Wp;
-        block_logits(B, g, i0, i1, A.data());
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = 0; j < Wp; ++j)
-            l[(i - i0) * Wp + j] = j < g.W ? lse[bn * HW + i * g.W + j]
-                                           : std::numeric_limits<T>::infinity();
-        for (int64_t p = 0; p < K2; ++p) {  // weights; extra columns get exp(-inf) = 0
-          T* __restrict__ a = A.data() + p * n;
-#pragma omp simd
-          for (int64_t x = 0; x < n; ++x) a[x] = std::exp(a[x] - l[x]);
-        }
-        std::fill(dA.begin(), dA.begin() + K2 * n, T(0));
-        for (int64_t c = 0; c < g.d; ++c) {
-          const T* __restrict__ go = gp.data() + c * g.H * Wp + i0 * Wp;
-          for (int64_t p = 0; p < K2; ++p) {
-            const int64_t off = c * Hp * Wp + (i0 + p / g.kernel) * Wp + p % g.kernel;
-            const T* __restrict__ v = B.v.data() + off;
-            T* __restrict__ gvp = gv.data() + off;
-            const T* __restrict__ a = A.data() + p * n;
-            T* __restrict__ da = dA.data() + p * n;
-#pragma omp simd
-            for (int64_t x = 0; x < n; ++x) {
-              da[x] += go[x] * v[x];
-              gvp[x] += a[x] * go[x];
-            }
-          }
-        }
-        for (int64_t x = 0; x < n; ++x) D[x] = T(0);
-        for (int64_t p = 0; p < K2; ++p) {
-          const T* a = A.data() + p * n;
-          const T* da = dA.data() + p * n;
-          for (int64_t x = 0; x < n; ++x) D[x] += a[x] * da[x];
+          std::memcpy(go + c * S.sq + i * Wp, grad_out + (bn * g.d + c) * HW + i * g.W,
+                      g.W * sizeof(T));
+      for (int64_t i0 = 0; i0 < g.H; i0 += S.R) {
+        const int64_t i1 = std::min(g.H, i0 + S.R), n = (i1 - i0) * Wp, nr = round_up(n, V);
+        const int64_t base = i0 * Wp;
+        block_logits(S, g, i0, i1, nr, A, ptr);
+        // Weights exp(logit - lse); 0 at extra columns, rows without queries and the
+        // tile overrun (there l = +inf), and in the margins (never written).
+        std::fill(l.begin(), l.begin() + nr, std::numeric_limits<T>::infinity());
+        for (int64_t i = i0; i < i1; ++i) {
+          if (i % g.row_step != 0) continue;
+          std::memcpy(l.data() + (i - i0) * Wp, lse + bn * HW + i * g.W, g.W * sizeof(T));
         }
         for (int64_t p = 0; p < K2; ++p) {
-          const T* a = A.data() + p * n;
-          T* da = dA.data() + p * n;
-          for (int64_t x = 0; x < n; ++x) da[x] = a[x] * (da[x] - D[x]);
+          exp_sub(A + p * S.sL, l.data(), nr);
+          std::fill(A + p * S.sL + nr, A + p * S.sL + nr + M + V, T(0));
+          std::fill(dA + p * S.sL + nr, dA + p * S.sL + nr + M + V, T(0));
         }
-        for (int64_t c = 0; c < g.d; ++c) {
-          const T* __restrict__ q = B.q.data() + c * g.H * Wp + i0 * Wp;  // scaled
-          T* __restrict__ gqc = gq.data() + c * g.H * Wp + i0 * Wp;
-          for (int64_t p = 0; p < K2; ++p) {
-            const int64_t off = c * Hp * Wp + (i0 + p / g.kernel) * Wp + p % g.kernel;
-            const T* __restrict__ k = B.k.data() + off;
-            T* __restrict__ gkp = gk.data() + off;
-            const T* __restrict__ dl = dA.data() + p * n;
+        // dA[p][x] = go . v at the key (the gradient of the weights).
+        for (int64_t p = 0; p < K2; ++p) ptr[p] = S.v.data() + base + S.off[p];
+        dots(go + base, S.sq, ptr.data(), S.sk, g.d, nr, K2, dA, S.sL);
+        // Softmax backward: dlogit = A * (dA - sum_p A * dA), in place in dA.
+        std::fill(D.begin(), D.begin() + nr, T(0));
+        for (int64_t p = 0; p < K2; ++p) {
+          const T* __restrict__ a = A + p * S.sL;
+          const T* __restrict__ da = dA + p * S.sL;
+          T* __restrict__ Dp = D.data();
 #pragma omp simd
-            for (int64_t x = 0; x < n; ++x) {
-              gqc[x] += dl[x] * k[x];
-              gkp[x] += dl[x] * q[x];
-            }
-          }
+          for (int64_t x = 0; x < nr; ++x) Dp[x] += a[x] * da[x];
         }
+        for (int64_t p = 0; p < K2; ++p) {
+          const T* __restrict__ a = A + p * S.sL;
+          T* __restrict__ da = dA + p * S.sL;
+          const T* __restrict__ Dp = D.data();
+#pragma omp simd
+          for (int64_t x = 0; x < nr; ++x) da[x] = a[x] * (da[x] - Dp[x]);
+        }
+        // Queries: gq[c][x] = sum_p dlogit[p][x] * k[c][x + off[p]] (scaled below).
+        for (int64_t p = 0; p < K2; ++p) {
+          ptr[p] = S.k.data() + base + S.off[p];
+          wptr[p] = dA + p * S.sL;
+        }
+        wsum<T, false>(wptr.data(), ptr.data(), S.sk, K2, g.d, nr, gq.data() + base, S.sq);
+        // Keys and values, gathered at each key z = x + off[p] of the block:
+        //   gv[c][z] += sum_p A[p][z - off[p]] * go[c][z - off[p]]
+        //   gk[c][z] += sum_p dlogit[p][z - off[p]] * q[c][z - off[p]]
+        // (zero weights outside [0, nr) make the out-of-block terms vanish).
+        const int64_t nz = round_up(nr + M, V);
+        for (int64_t p = 0; p < K2; ++p) {
+          wptr[p] = A + p * S.sL - S.off[p];
+          wptr2[p] = dA + p * S.sL - S.off[p];
+          ptr[p] = go + base - S.off[p];
+        }
+        wsum<T, true>(wptr.data(), ptr.data(), S.sq, K2, g.d, nz, gv.data() + base, S.sk);
+        for (int64_t p = 0; p < K2; ++p) ptr[p] = S.qp() + base - S.off[p];
+        wsum<T, true>(wptr2.data(), ptr.data(), S.sq, K2, g.d, nz, gk.data() + base, S.sk);
       }
       // Fold the padded gradients back onto the image (reflection adds the mirrored
       // border onto the interior; masked zero padding drops it), q's unpadded.
@@ -360,15 +440,15 @@ void backward_s1(const T* grad_out, const T* qkv, const T* pe, const T* lse, con
       for (int64_t c = 0; c < g.d; ++c) {
         for (int64_t i = 0; i < g.H; ++i)
           for (int64_t j = 0; j < g.W; ++j)
-            GQ[c * HW + i * g.W + j] = gq[c * g.H * Wp + i * Wp + j] * scale;
-        for (int64_t yp = 0; yp < Hp; ++yp) {
+            GQ[c * HW + i * g.W + j] = gq[c * S.sq + i * Wp + j] * scale;
+        for (int64_t yp = 0; yp < S.Hp; ++yp) {
           const int64_t y = source(yp - g.r, g.H, g.zeros);
           if (y < 0) continue;
           for (int64_t xp = 0; xp < Wp; ++xp) {
             const int64_t x = source(xp - g.r, g.W, g.zeros);
             if (x < 0) continue;
-            GK[c * HW + y * g.W + x] += gk[c * Hp * Wp + yp * Wp + xp];
-            GV[c * HW + y * g.W + x] += gv[c * Hp * Wp + yp * Wp + xp];
+            GK[c * HW + y * g.W + x] += gk[c * S.sk + yp * Wp + xp];
+            GV[c * HW + y * g.W + x] += gv[c * S.sk + yp * Wp + xp];
           }
         }
       }
@@ -409,13 +489,15 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::T
                 "local_attention_cpu: pe must be a contiguous (d, H, W) tensor of qkv's dtype");
   }
   // Zeros: with row_step > 1 the rows in between are not computed.
-  at::Tensor out = at::zeros({g.B, g.N * g.d, g.H, g.W}, qkv.options());
-  at::Tensor lse = at::empty({g.B, g.N, g.H, g.W}, qkv.options());
+  at::Tensor out = row_step > 1 ? at::zeros({g.B, g.N * g.d, g.H, g.W}, qkv.options())
+                                 : at::empty({g.B, g.N * g.d, g.H, g.W}, qkv.options());
+  at::Tensor lse = row_step > 1 ? at::zeros({g.B, g.N, g.H, g.W}, qkv.options())
+                                 : at::empty({g.B, g.N, g.H, g.W}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_forward", [&] {
-    forward_s1<scalar_t>(qkv.data_ptr<scalar_t>(),
-                           pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr, g,
-                           static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(),
-                           lse.data_ptr<scalar_t>());
+    forward_plane_loop<scalar_t>(qkv.data_ptr<scalar_t>(),
+                                 pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr, g,
+                                 static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(),
+                                 lse.data_ptr<scalar_t>());
   });
   return {out, lse};
 }
@@ -427,10 +509,10 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& qkv,
   at::Tensor go = grad_out.contiguous();
   at::Tensor grad_qkv = at::zeros_like(qkv);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_backward", [&] {
-    backward_s1<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
-                            pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr,
-                            lse.data_ptr<scalar_t>(), g, static_cast<scalar_t>(scale),
-                            grad_qkv.data_ptr<scalar_t>());
+    backward_plane_loop<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
+                                  pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr,
+                                  lse.data_ptr<scalar_t>(), g, static_cast<scalar_t>(scale),
+                                  grad_qkv.data_ptr<scalar_t>());
   });
   return grad_qkv;
 }

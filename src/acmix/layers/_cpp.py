@@ -27,7 +27,10 @@ __all__ = ["CppLocalAttention", "cpu_kernel"]
 # Tuned for the building machine (-march=native): the build name carries a hash of
 # the CPU's feature flags, so a home directory shared by different CPUs never
 # loads a binary built for another instruction set.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is a header template that is serial unless the
+# extension itself is compiled with OpenMP (it then shares torch's libgomp).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_LDFLAGS = ["-fopenmp"]
 
 
 def _cpu_tag() -> str:
@@ -61,6 +64,7 @@ def cpu_kernel() -> ModuleType | None:
             name=f"acmix_local_attention_cpu_{_cpu_tag()}",
             sources=[str(_SOURCE)],
             extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
             verbose=os.environ.get("ACMIX_VERBOSE_BUILD", "") not in ("", "0"),
         )
     except Exception as exc:  # compiler, ninja or headers missing: fall back, loudly once
