@@ -1,4 +1,4 @@
-"""The fused CPU kernel under AddressSanitizer: no out-of-bounds access on any geometry."""
+"""The fused CPU kernels under AddressSanitizer: no out-of-bounds access on any geometry."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 
-SOURCE = Path(__file__).resolve().parents[2] / "src" / "acmix" / "csrc" / "local_attention_cpu.cpp"
+CSRC = Path(__file__).resolve().parents[2] / "src" / "acmix" / "csrc"
 
 SCRIPT = textwrap.dedent(
     """
     import itertools, sys, torch
     from torch.utils.cpp_extension import load
-    ext = load(name="acmix_asan_check", sources=[sys.argv[1]], build_directory=sys.argv[2],
-               extra_cflags=["-O1", "-g", "-fopenmp", "-march=native", "-fsanitize=address",
-                             "-fno-omit-frame-pointer"],
-               extra_ldflags=["-fsanitize=address", "-fopenmp"])
+    flags = dict(extra_cflags=["-O1", "-g", "-fopenmp", "-march=native", "-fsanitize=address",
+                               "-fno-omit-frame-pointer"],
+                 extra_ldflags=["-fsanitize=address", "-fopenmp"])
+    ext = load(name="acmix_asan_attention", sources=[sys.argv[1] + "/local_attention_cpu.cpp"],
+               build_directory=sys.argv[2], **flags)
+    conv = load(name="acmix_asan_conv_path", sources=[sys.argv[1] + "/conv_path_cpu.cpp"],
+                build_directory=sys.argv[2], **flags)
     torch.manual_seed(0)
     shapes = [(2, 2, 4, 7, 7, 7, False), (1, 2, 3, 2, 3, 7, True), (1, 1, 8, 1, 1, 5, True),
               (2, 4, 16, 28, 28, 7, False), (1, 3, 5, 9, 11, 3, True), (1, 2, 4, 14, 5, 5, False),
@@ -33,6 +36,21 @@ SCRIPT = textwrap.dedent(
             out, lse = ext.forward(qkv, pe, N, k, zeros, 0.3, step)
             g = ext.backward(torch.randn_like(out), qkv, pe, lse, N, k, zeros, 0.3, step)
             assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    # conv path: (B, N, d, H, W, k, stride, outputs per group, bias)
+    conv_shapes = [(2, 4, 5, 9, 11, 3, 1, 4, False), (1, 2, 3, 8, 7, 3, 2, 4, True),
+                   (1, 3, 4, 13, 10, 5, 2, 2, True), (1, 2, 2, 5, 6, 3, 3, 8, True),
+                   (1, 1, 3, 1, 1, 3, 1, 1, False), (1, 4, 16, 19, 37, 3, 1, 4, False),
+                   (2, 8, 2, 4, 4, 3, 1, 9, True), (1, 4, 2, 2, 33, 5, 2, 3, False)]
+    for dt, (B, N, d, H, W, k, s, per, bias) in itertools.product(
+            (torch.float32, torch.float64), conv_shapes):
+        qkv = torch.randn(B, 3 * N * d, H, W, dtype=dt)
+        fw = torch.randn(k * k, 3 * N, dtype=dt)
+        fb = torch.randn(k * k, dtype=dt) if bias else None
+        dw = torch.randn(per * d, k * k, k, k, dtype=dt)
+        out = conv.forward(qkv, fw, fb, dw, s)
+        grads = conv.backward(torch.randn_like(out), qkv, fw, fb, dw, s)
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(t).all() for t in grads if t is not None)
     print("memcheck ok")
     """
 )
@@ -53,7 +71,7 @@ def _libasan() -> str | None:
 def test_kernel_has_no_out_of_bounds_access(tmp_path) -> None:
     env = dict(os.environ, LD_PRELOAD=_libasan() or "", ASAN_OPTIONS="detect_leaks=0")
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(SOURCE), str(tmp_path)],
+        [sys.executable, "-c", SCRIPT, str(CSRC), str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

@@ -100,6 +100,64 @@ def test_conv_path_layout_against_loops() -> None:
         assert max_abs(out[:, o], expected) < 1e-12
 
 
+def _conv_path_pytorch(qkv, fc_w, fc_b, dep_w, k, c_out, stride):
+    """The unfused conv path: einsum fc, then the grouped conv (the fused kernel's truth)."""
+    feats = AF.conv_path_features(qkv, fc_w, fc_b)
+    return AF.shift_sum_group_conv(feats, dep_w, k, stride)
+
+
+# (B, N, d, H, W, k, stride, outputs per group, fc bias)
+FUSED_CASES = [
+    (2, 4, 5, 9, 11, 3, 1, 4, False),
+    (2, 2, 3, 8, 7, 3, 2, 4, True),
+    (1, 3, 4, 13, 10, 5, 2, 2, True),
+    (1, 2, 2, 5, 6, 3, 3, 8, True),
+    (1, 1, 3, 7, 7, 3, 1, 1, False),
+    (1, 4, 16, 19, 37, 3, 1, 4, False),  # several vectors per row, a partial last one
+    (2, 8, 2, 4, 4, 3, 1, 9, True),  # M = 24: two fc tiles; 9 outputs: 8 + 1
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_conv_path_matches_pytorch_fwd_bwd(case) -> None:
+    B, N, d, H, W, k, stride, per_group, bias = case
+    c_out = per_group * d
+    qkv = torch.randn(B, 3 * N, d, H, W, dtype=torch.float64, requires_grad=True)
+    fc_w = torch.randn(k * k, 3 * N, dtype=torch.float64, requires_grad=True)
+    fc_b = torch.randn(k * k, dtype=torch.float64, requires_grad=True) if bias else None
+    dep_w = torch.randn(c_out, k * k, k, k, dtype=torch.float64, requires_grad=True)
+    assert AF.fused_conv_path_applies(qkv)
+    ref = _conv_path_pytorch(qkv, fc_w, fc_b, dep_w, k, c_out, stride)
+    out = AF.conv_path(qkv, fc_w, fc_b, dep_w, k, c_out, stride, "learnable")
+    assert out.shape == ref.shape == (B, c_out, -(-H // stride), -(-W // stride))
+    assert max_abs(out, ref) < 1e-12 * ref.abs().max().item()
+    inputs = [qkv, fc_w, dep_w] + ([fc_b] if bias else [])
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * g).sum(), inputs)
+    grads = torch.autograd.grad((out * g).sum(), inputs)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert max_abs(a, b) < 1e-12 * b.abs().max().item()
+
+
+def test_fused_conv_path_float32_and_fallbacks() -> None:
+    B, N, d, H, W = 2, 4, 8, 14, 14
+    qkv = torch.randn(B, 3 * N, d, H, W)
+    fc_w, dep_w = torch.randn(9, 3 * N), torch.randn(N * d, 9, 3, 3)
+    ref = _conv_path_pytorch(qkv.double(), fc_w.double(), None, dep_w.double(), 3, N * d, 1)
+    out = AF.conv_path(qkv, fc_w, None, dep_w, 3, N * d)
+    assert out.dtype == torch.float32
+    assert max_abs(out.double(), ref) < 1e-5 * ref.abs().max().item()
+    # non-contiguous features (e.g. Swin's channels-last view) and bf16 take the PyTorch path
+    view = qkv.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+    assert not AF.fused_conv_path_applies(view)
+    assert max_abs(AF.conv_path(view, fc_w, None, dep_w, 3, N * d).double(), ref) < 1e-3
+    assert not AF.fused_conv_path_applies(qkv.bfloat16())
+    with pytest.raises(ValueError, match=r"grouped-conv weight \(64, 9, 3, 3\) is not"):
+        AF.conv_path(qkv, fc_w, None, dep_w.repeat(2, 1, 1, 1), 3, N * d)
+    with pytest.raises(ValueError, match="does not map 12 head groups"):
+        AF.conv_path(qkv, fc_w[:, :6], None, dep_w, 3, N * d)
+
+
 def test_position_grid() -> None:
     g = AF.position_grid(3, 4, dtype=torch.float64)
     assert g.shape == (1, 2, 3, 4)

@@ -1,10 +1,11 @@
-"""Loader of the fused CPU local-attention kernel (``src/acmix/csrc``).
+"""Loaders of the fused CPU kernels (``src/acmix/csrc``) and their autograd wrappers.
 
-The kernel is compiled on first use with ``torch.utils.cpp_extension.load``
-(needs a C++ compiler and ninja; the build is cached by torch, usually under
-``~/.cache/torch_extensions``). Where it cannot be built, :func:`cpu_kernel`
-returns ``None`` once, with a warning, and the attention falls back to the
-pure-PyTorch shift backend. ``ACMIX_NO_CPP=1`` disables it.
+Two kernels: local attention (:func:`cpu_kernel`) and the convolution path
+(:func:`conv_path_kernel`). Each is compiled on first use with
+``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja; the build
+is cached by torch, usually under ``~/.cache/torch_extensions``). Where one
+cannot be built, its loader returns ``None`` once, with a warning, and the
+layers fall back to pure PyTorch. ``ACMIX_NO_CPP=1`` disables both.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from types import ModuleType
 
 import torch
 
-_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "local_attention_cpu.cpp"
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _state: dict[str, ModuleType | None] = {}
 
-__all__ = ["CppLocalAttention", "cpu_kernel"]
+__all__ = ["CppConvPath", "CppLocalAttention", "conv_path_kernel", "cpu_kernel"]
 
 
 # Tuned for the building machine (-march=native): the build name carries a hash of
@@ -46,13 +47,13 @@ def _cpu_tag() -> str:
     return hashlib.sha1((flags + " ".join(_CFLAGS)).encode()).hexdigest()[:10]
 
 
-def cpu_kernel() -> ModuleType | None:
-    """The compiled kernel module, or ``None`` where it is disabled or cannot be built."""
-    if "module" in _state:
-        return _state["module"]
+def _load(name: str, source: str) -> ModuleType | None:
+    """Build (or load the cached build of) one kernel; ``None`` where disabled or unbuildable."""
+    if name in _state:
+        return _state[name]
     module = None
     if os.environ.get("ACMIX_NO_CPP", "") not in ("", "0"):
-        _state["module"] = None
+        _state[name] = None
         return None
     try:
         # torch's extension builder warns "No CUDA runtime is found" on every CPU-only
@@ -61,22 +62,33 @@ def cpu_kernel() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         module = load(
-            name=f"acmix_local_attention_cpu_{_cpu_tag()}",
-            sources=[str(_SOURCE)],
+            name=f"acmix_{name}_{_cpu_tag()}",
+            sources=[str(_CSRC / source)],
             extra_cflags=_CFLAGS,
             extra_ldflags=_LDFLAGS,
             verbose=os.environ.get("ACMIX_VERBOSE_BUILD", "") not in ("", "0"),
         )
     except Exception as exc:  # compiler, ninja or headers missing: fall back, loudly once
         warnings.warn(
-            f"acmix: the fused CPU attention kernel could not be built ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); using the PyTorch shift backend",
+            f"acmix: the fused CPU kernel {name!r} could not be built "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "using the PyTorch implementation",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         module = None
-    _state["module"] = module
+    _state[name] = module
     return module
+
+
+def cpu_kernel() -> ModuleType | None:
+    """The compiled local-attention kernel, or ``None`` where disabled or unbuildable."""
+    return _load("local_attention_cpu", "local_attention_cpu.cpp")
+
+
+def conv_path_kernel() -> ModuleType | None:
+    """The compiled convolution-path kernel, or ``None`` where disabled or unbuildable."""
+    return _load("conv_path_cpu", "conv_path_cpu.cpp")
 
 
 class CppLocalAttention(torch.autograd.Function):
@@ -113,3 +125,29 @@ class CppLocalAttention(torch.autograd.Function):
             grad_k = grad_qkv[:, C : 2 * C].reshape(B, heads, C // heads, H, W)
             grad_pe = -grad_k.sum(dim=(0, 1)).reshape(pe.shape)
         return grad_qkv, grad_pe, None, None, None, None, None
+
+
+class CppConvPath(torch.autograd.Function):
+    """Fused CPU convolution path (fc + grouped conv) over ``qkv (B, 3C, H, W)``.
+
+    Saves only its inputs (the fc output is recomputed in backward) and returns
+    ``(B, C_out, ceil(H / s), ceil(W / s))``.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, fc_weight, fc_bias, dep_weight, stride: int):  # type: ignore[override]
+        ext = conv_path_kernel()
+        assert ext is not None
+        ctx.save_for_backward(qkv, fc_weight, fc_bias, dep_weight)
+        ctx.stride = stride
+        return ext.forward(qkv, fc_weight, fc_bias, dep_weight, stride)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        qkv, fc_weight, fc_bias, dep_weight = ctx.saved_tensors
+        ext = conv_path_kernel()
+        assert ext is not None
+        g_qkv, g_fc, g_bias, g_dep = ext.backward(
+            grad_out, qkv, fc_weight, fc_bias, dep_weight, ctx.stride
+        )
+        return g_qkv, g_fc, g_bias if fc_bias is not None else None, g_dep, None

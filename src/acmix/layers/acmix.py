@@ -31,7 +31,15 @@ from acmix.layers.checks import (
     check_positive_int,
     resolve_padding,
 )
-from acmix.layers.functional import SHIFT_MODES, acmix_mix, conv_path, position_grid, shift_kernel
+from acmix.layers.functional import (
+    SHIFT_MODES,
+    acmix_mix,
+    conv_path,
+    fused_conv_path_applies,
+    out_size,
+    position_grid,
+    shift_kernel,
+)
 
 INITS: tuple[str, ...] = ("paper", "official")
 PATHS: tuple[str, ...] = ("both", "attn", "conv")
@@ -88,6 +96,7 @@ class ACmixBase(nn.Module):
         self.dep_conv: nn.Conv2d | None = None
         self.rate1: nn.Parameter | None = None
         self.rate2: nn.Parameter | None = None
+        self._fused_conv_macs = 0  # set by forward_conv_path, read by uncounted_macs
         if not self.use_conv:
             return
         # fc: 3N head groups -> K2 maps (a 1x1 conv, as the authors store it).
@@ -136,6 +145,15 @@ class ACmixBase(nn.Module):
         """
         if self.fc is None:
             return None
+        # Work the fused CPU kernel does out of the MAC counter's sight (the same
+        # fc + grouped-conv multiply-adds the PyTorch path shows it); see uncounted_macs.
+        if self.shift_mode != "tensor" and fused_conv_path_applies(qkv):
+            B, M, d, H, W = qkv.shape
+            Ho, Wo = out_size(H, self.stride), out_size(W, self.stride)
+            K2 = self.kernel_conv**2
+            self._fused_conv_macs = B * d * K2 * M * H * W + B * self.out_planes * K2 * K2 * Ho * Wo
+        elif self._fused_conv_macs:
+            self._fused_conv_macs = 0
         return conv_path(
             qkv,
             self.fc.weight,
@@ -160,11 +178,13 @@ class ACmixBase(nn.Module):
         """MACs the dispatcher-level counter cannot see (see :mod:`acmix.analysis`).
 
         The tensor-shift conv path sums ``k_c**2`` shifted maps per output
-        element elementwise: ``k_c**2 * C_out * H' * W'`` per image.
+        element elementwise: ``k_c**2 * C_out * H' * W'`` per image. The fused
+        CPU conv path does the fc and grouped-conv multiply-adds in C++; the
+        last forward records them.
         """
         if self.use_conv and self.shift_mode == "tensor":
             return self.kernel_conv**2 * output.numel()
-        return 0
+        return self._fused_conv_macs
 
 
 class ACmix(ACmixBase):

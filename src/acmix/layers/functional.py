@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from acmix.layers._cpp import CppConvPath, conv_path_kernel
 from acmix.layers.checks import check_odd_kernel, check_positive_int
 
 ShiftMode = Literal["learnable", "fixed", "tensor"]
@@ -250,6 +251,22 @@ def conv_path_features(
     return out.reshape(B, d * w.shape[0], H, W)
 
 
+def fused_conv_path_applies(qkv: torch.Tensor) -> bool:
+    """Whether :func:`conv_path` runs the fused CPU kernel on these head features.
+
+    It does for contiguous ``(B, 3N, d, H, W)`` CPU float32/float64 features
+    when the kernel builds (``ACMIX_NO_CPP=1`` disables it), outside tracing
+    and compilation (exported graphs keep plain aten ops). The kernel does
+    the same multiply-adds as the PyTorch path (fc einsum + grouped conv),
+    in one pass, without materialising the ``K2 * d`` fc maps.
+    """
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64):
+        return False
+    if not qkv.is_contiguous() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return conv_path_kernel() is not None
+
+
 def conv_path(
     qkv: torch.Tensor,
     fc_weight: torch.Tensor,
@@ -278,12 +295,33 @@ def conv_path(
     Returns:
         ``(B, C_out, ceil(H / s), ceil(W / s))``; output channel ``o`` comes from
         within-head channel ``o // (C_out / d)``.
+
+    The grouped-conv modes run as one fused CPU kernel where
+    :func:`fused_conv_path_applies`; elsewhere as ``einsum`` + ``conv2d``.
     """
+    B, M, d, H, W = qkv.shape
+    if fc_weight.numel() != kernel * kernel * M:
+        raise ValueError(
+            f"fc weight {tuple(fc_weight.shape)} does not map {M} head groups (3N) to "
+            f"{kernel * kernel} maps"
+        )
+    K2 = kernel * kernel
+    if dep_weight is not None and tuple(dep_weight.shape) != (out_channels, K2, kernel, kernel):
+        raise ValueError(
+            f"grouped-conv weight {tuple(dep_weight.shape)} is not "
+            f"{(out_channels, K2, kernel, kernel)} (C_out, k*k, k, k)"
+        )
+    if shift_mode != "tensor" and dep_weight is not None and fused_conv_path_applies(qkv):
+        return CppConvPath.apply(
+            qkv.reshape(B, M * d, H, W),
+            fc_weight.reshape(fc_weight.shape[0], -1).to(qkv.dtype).contiguous(),
+            None if fc_bias is None else fc_bias.to(qkv.dtype).contiguous(),
+            dep_weight.to(qkv.dtype).contiguous(),
+            stride,
+        )
     feats = conv_path_features(qkv, fc_weight, fc_bias)
-    d = qkv.shape[2]
     if shift_mode == "tensor":
-        B, _, H, W = feats.shape
-        return shift_sum(feats.view(B, d, kernel * kernel, H, W), kernel, stride, out_channels // d)
+        return shift_sum(feats.view(B, d, K2, H, W), kernel, stride, out_channels // d)
     if dep_weight is None:
         raise ValueError(f"shift_mode={shift_mode!r} needs the grouped-conv weight")
     return shift_sum_group_conv(feats, dep_weight.to(feats.dtype), kernel, stride)

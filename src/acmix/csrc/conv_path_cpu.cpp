@@ -1,0 +1,523 @@
+// Fused ACmix convolution path for CPU: fc (3N head groups -> K2 maps per
+// within-head channel) followed by the grouped k x k convolution (groups = d,
+// K2 input maps per group, Cpg = C_out / d outputs per group), forward and
+// backward, on the fused projection qkv (B, 3C, H, W), channel m * d + j.
+//
+//   f[j][p](y, x)   = bias[p] + sum_m fc[p][m] * qkv[m * d + j](y, x)
+//   out[o](yo, xo)  = sum_p sum_(ty,tx) W[o][p][ty][tx] * f[g(o)][p](yo*s + ty - r, xo*s + tx - r)
+//
+// with zero padding r = k // 2 and g(o) = o / Cpg. The same multiply-adds as
+// PyTorch's einsum + grouped conv (Table 1's count), without materialising f
+// in memory or converting it to channels-last.
+//
+// Layout. Per (batch, group j) task the K2 maps of f are built once into s*s
+// "phase" planes of the zero-padded map: phase (a, c) holds the padded pixels
+// (u*s + a, v*s + c) at flat index u * Wq + v. Then tap (ty, tx) of output
+// X = yo * Wq + xo reads phase (ty % s, tx % s) at X + (ty / s) * Wq + tx / s:
+// one constant offset per tap, contiguous loops for any stride (the columns
+// xo >= Wo of each output row are computed and dropped).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Geom {
+  int64_t B, M, d, H, W;  // M = 3N head groups; qkv has M * d channels
+  int64_t K2, k, r, s;    // fc maps (k * k), kernel, padding, stride
+  int64_t Cout, Cpg;      // output channels, outputs per group
+  int64_t Ho, Wo, Hq, Wq;  // output size, phase-plane size
+  int64_t PS;             // stride between planes (Hq * Wq plus slack)
+  int64_t Mg;             // margin before the output-gradient planes
+  std::vector<int64_t> tap_phase, tap_off;  // per tap: phase index, flat offset
+  std::vector<int64_t> col_phase, col_v;     // per image column x: column phase, v
+
+  Geom(const at::Tensor& qkv, int64_t K2_, int64_t k_, int64_t s_, int64_t Cout_, int64_t M_) {
+    B = qkv.size(0);
+    M = M_;
+    d = qkv.size(1) / M;
+    H = qkv.size(2);
+    W = qkv.size(3);
+    K2 = K2_;
+    k = k_;
+    r = k / 2;
+    s = s_;
+    Cout = Cout_;
+    Cpg = Cout / d;
+    Ho = (H + s - 1) / s;
+    Wo = (W + s - 1) / s;
+    Hq = (H + 2 * r + s - 1) / s;
+    Wq = (W + 2 * r + s - 1) / s;
+    const int64_t V = 32;  // >= the widest tile of any type
+    const int64_t max_off = ((k - 1) / s) * Wq + (k - 1) / s;
+    PS = round_up(Hq * Wq + max_off + 2 * V, V);
+    Mg = round_up(max_off, V);
+    col_phase.resize(W);
+    col_v.resize(W);
+    for (int64_t x = 0; x < W; ++x) {
+      col_phase[x] = (x + r) % s;
+      col_v[x] = (x + r) / s;
+    }
+    tap_phase.resize(k * k);
+    tap_off.resize(k * k);
+    for (int64_t ty = 0; ty < k; ++ty)
+      for (int64_t tx = 0; tx < k; ++tx) {
+        tap_phase[ty * k + tx] = (ty % s) * s + tx % s;
+        tap_off[ty * k + tx] = (ty / s) * Wq + tx / s;
+      }
+  }
+  int64_t nout() const { return Ho * Wq; }  // flat output positions (with dropped columns)
+  // Stride of the output-gradient planes: margin, then reads up to Hq * Wq + 2 lanes.
+  int64_t gstride() const { return round_up(Mg + Hq * Wq + 32, 16); }
+};
+
+// Row y of the task's M input planes, read in whole vectors: the full vectors
+// straight from qkv, the partial last one (x0 >= Wfull) from a zero-tailed copy.
+template <typename T>
+struct InputRows {
+  const T* base;  // row y of plane m = 0; planes are d * H * W apart
+  int64_t plane, Wfull;
+  T* tail;  // M vectors
+  InputRows(const T* qkv, const Geom& g, int64_t b, int64_t j, int64_t y, T* tail_buf)
+      : base(qkv + ((b * g.M) * g.d + j) * g.H * g.W + y * g.W),
+        plane(g.d * g.H * g.W),
+        Wfull(g.W / kLanes<T> * kLanes<T>),
+        tail(tail_buf) {
+    constexpr int V = kLanes<T>;
+    if (Wfull == g.W) return;
+    for (int64_t m = 0; m < g.M; ++m) {
+      T* t = tail + m * V;
+      for (int v = 0; v < V; ++v) t[v] = Wfull + v < g.W ? base[m * plane + Wfull + v] : T(0);
+    }
+  }
+  const T* at(int64_t m, int64_t x0) const {
+    return x0 < Wfull ? base + m * plane + x0 : tail + m * kLanes<T>;
+  }
+};
+
+// fc's weights re-laid for register tiles, zero-padded to whole tiles: forward
+// fw[pc][m][q] = fc[pc * PC + q][m] (+ bias fb[pc][q]); backward
+// bw[mc][p][q] = fc[p][mc * MC + q].
+template <typename T>
+struct FcTiles {
+  static constexpr int PC = 9, MC = 12;
+  int64_t npc, nmc;
+  std::vector<T> fw, fb, bw;
+  FcTiles(const T* fc, const T* bias, const Geom& g)
+      : npc((g.K2 + PC - 1) / PC), nmc((g.M + MC - 1) / MC) {
+    fw.assign(npc * g.M * PC, T(0));
+    fb.assign(npc * PC, T(0));
+    bw.assign(nmc * g.K2 * MC, T(0));
+    for (int64_t p = 0; p < g.K2; ++p) {
+      for (int64_t m = 0; m < g.M; ++m) {
+        fw[((p / PC) * g.M + m) * PC + p % PC] = fc[p * g.M + m];
+        bw[((m / MC) * g.K2 + p) * MC + m % MC] = fc[p * g.M + m];
+      }
+      if (bias) fb[p] = bias[p];
+    }
+  }
+};
+
+// f of task (b, j) into phase planes P[(phase * K2 + p) * PS + u * Wq + v]; the
+// padding border is never written (zero from allocation). rows: M vectors of
+// scratch; fr: (K2 rounded up to whole tiles) * Wr scratch.
+template <typename T>
+void build_f(const T* qkv, const FcTiles<T>& F, const Geom& g, int64_t b, int64_t j, T* P,
+             T* rows, T* fr) {
+  constexpr int V = kLanes<T>, PC = FcTiles<T>::PC;
+  const int64_t Wr = round_up(g.W, V);
+  for (int64_t y = 0; y < g.H; ++y) {
+    const InputRows<T> in_rows(qkv, g, b, j, y, rows);
+    for (int64_t x0 = 0; x0 < Wr; x0 += V) {
+      for (int64_t pc = 0; pc < F.npc; ++pc) {
+        T acc[PC][V];
+        for (int q = 0; q < PC; ++q) {
+#pragma omp simd
+          for (int v = 0; v < V; ++v) acc[q][v] = F.fb[pc * PC + q];
+        }
+        const T* w = F.fw.data() + pc * g.M * PC;
+        for (int64_t m = 0; m < g.M; ++m) {
+          const T* __restrict__ in = in_rows.at(m, x0);
+#pragma GCC unroll 9
+          for (int q = 0; q < PC; ++q) {
+            const T wq = w[m * PC + q];
+#pragma omp simd
+            for (int v = 0; v < V; ++v) acc[q][v] += wq * in[v];
+          }
+        }
+#pragma GCC unroll 9
+        for (int q = 0; q < PC; ++q) {
+#pragma omp simd
+          for (int v = 0; v < V; ++v) fr[(pc * PC + q) * Wr + x0 + v] = acc[q][v];
+        }
+      }
+    }
+    const int64_t yp = y + g.r;
+    const int64_t a = yp % g.s, u = yp / g.s;
+    for (int64_t p = 0; p < g.K2; ++p) {
+      const T* f = fr + p * Wr;
+      if (g.s == 1) {
+        std::memcpy(P + p * g.PS + u * g.Wq + g.r, f, g.W * sizeof(T));
+      } else {
+        for (int64_t x = 0; x < g.W; ++x)
+          P[((a * g.s + g.col_phase[x]) * g.K2 + p) * g.PS + u * g.Wq + g.col_v[x]] = f[x];
+      }
+    }
+  }
+}
+
+// out[c][X] = sum_p sum_t W[o0 + c][p][t] * P[phase(t)][p][X + off(t)], CT channels.
+template <typename T, int CT>
+void conv_tile(const T* P, const T* Wt, const Geom& g, int64_t o0, T* out, int64_t so) {
+  constexpr int V = 2 * kLanes<T>;  // two vectors per channel: >= 8 independent FMA chains
+  const int64_t k2 = g.k * g.k, n = g.nout();
+  for (int64_t X0 = 0; X0 < n; X0 += V) {
+    T acc[CT][V] = {};
+    for (int64_t p = 0; p < g.K2; ++p) {
+      for (int64_t t = 0; t < k2; ++t) {
+        const T* __restrict__ src = P + (g.tap_phase[t] * g.K2 + p) * g.PS + g.tap_off[t] + X0;
+        const T* w = Wt + (o0 * g.K2 + p) * k2 + t;
+#pragma GCC unroll 8
+        for (int c = 0; c < CT; ++c) {
+          const T wc = w[c * g.K2 * k2];
+#pragma omp simd
+          for (int v = 0; v < V; ++v) acc[c][v] += wc * src[v];
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < CT; ++c) {
+#pragma omp simd
+      for (int v = 0; v < V; ++v) out[c * so + X0 + v] = acc[c][v];
+    }
+  }
+}
+
+template <typename T>
+void conv_group(const T* P, const T* Wt, const Geom& g, int64_t j, T* out, int64_t so) {
+  int64_t c = 0;
+  const int64_t o0 = j * g.Cpg;
+  for (; c + 8 <= g.Cpg; c += 8) conv_tile<T, 8>(P, Wt, g, o0 + c, out + c * so, so);
+  for (; c + 4 <= g.Cpg; c += 4) conv_tile<T, 4>(P, Wt, g, o0 + c, out + c * so, so);
+  for (; c < g.Cpg; ++c) conv_tile<T, 1>(P, Wt, g, o0 + c, out + c * so, so);
+}
+
+// Per-thread buffers, reused across tasks (the padding stays zero).
+template <typename T>
+struct Scratch {
+  std::vector<T> P, O, rows, fr, G, GF;
+  Scratch(const Geom& g) {
+    const int64_t Wr = round_up(g.W, kLanes<T>);
+    P.assign(g.s * g.s * g.K2 * g.PS, T(0));
+    O.assign(g.Cpg * round_up(g.nout() + 32, 32), T(0));
+    rows.assign(g.M * kLanes<T>, T(0));
+    fr.assign(round_up(g.K2, FcTiles<T>::PC) * Wr, T(0));
+  }
+};
+
+template <typename T>
+void forward_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, const Geom& g, T* out) {
+  const int64_t so = round_up(g.nout() + 32, 32), HWo = g.Ho * g.Wo;
+  const FcTiles<T> F(fc, bias, g);
+  at::parallel_for(0, g.B * g.d, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> S(g);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / g.d, j = t % g.d;
+      build_f(qkv, F, g, b, j, S.P.data(), S.rows.data(), S.fr.data());
+      conv_group(S.P.data(), Wt, g, j, S.O.data(), so);
+      for (int64_t c = 0; c < g.Cpg; ++c) {
+        T* o = out + (b * g.Cout + j * g.Cpg + c) * HWo;
+        for (int64_t yo = 0; yo < g.Ho; ++yo)
+          std::memcpy(o + yo * g.Wo, S.O.data() + c * so + yo * g.Wq, g.Wo * sizeof(T));
+      }
+    }
+  });
+}
+
+// Backward of one task. G: the Cpg output-gradient planes in the output layout
+// (width Wq, dropped columns 0) after a front margin Mg; GF: gradient of the
+// phase planes.
+template <typename T>
+void grad_f_task(const T* G, const T* Wt, const Geom& g, int64_t j, T* GF) {
+  constexpr int V = kLanes<T>;
+  constexpr int KMAX = 9;  // maps per register tile
+  const int64_t k2 = g.k * g.k, n = g.Hq * g.Wq, gs = g.gstride();
+  for (int64_t ph = 0; ph < g.s * g.s; ++ph) {
+    for (int64_t p0 = 0; p0 < g.K2; p0 += KMAX) {
+      const int64_t np = std::min<int64_t>(KMAX, g.K2 - p0);
+      for (int64_t U0 = 0; U0 < n; U0 += V) {
+        T acc[KMAX][V] = {};
+        for (int64_t c = 0; c < g.Cpg; ++c) {
+          const T* Gc = G + c * gs + g.Mg + U0;
+          const T* w = Wt + ((j * g.Cpg + c) * g.K2 + p0) * k2;
+          for (int64_t t = 0; t < k2; ++t) {
+            if (g.tap_phase[t] != ph) continue;
+            const T* __restrict__ src = Gc - g.tap_off[t];
+#pragma GCC unroll 9
+            for (int q = 0; q < KMAX; ++q) {
+              if (q >= np) break;
+              const T wq = w[q * k2 + t];
+#pragma omp simd
+              for (int v = 0; v < V; ++v) acc[q][v] += wq * src[v];
+            }
+          }
+        }
+        for (int q = 0; q < np; ++q) {
+          T* dst = GF + (ph * g.K2 + p0 + q) * g.PS + U0;
+#pragma omp simd
+          for (int v = 0; v < V; ++v) dst[v] = acc[q][v];
+        }
+      }
+    }
+  }
+}
+
+// gW[o][p][t] += sum_X G[c][X] * P[phase(t)][p][X + off(t)] for the task's outputs:
+// CT channels x up to 9 taps of accumulators, so each loaded P vector feeds CT FMAs.
+template <typename T, int CT>
+void grad_w_tile(const T* G, const T* P, const Geom& g, int64_t j, int64_t c0, T* gW) {
+  constexpr int V = kLanes<T>;
+  constexpr int TMAX = 9;
+  const int64_t k2 = g.k * g.k, n = g.nout(), gs = g.gstride();
+  for (int64_t p = 0; p < g.K2; ++p) {
+    for (int64_t t0 = 0; t0 < k2; t0 += TMAX) {
+      const int64_t nt = std::min<int64_t>(TMAX, k2 - t0);
+      T acc[CT][TMAX][V] = {};
+      for (int64_t X0 = 0; X0 < n; X0 += V) {
+#pragma GCC unroll 9
+        for (int q = 0; q < TMAX; ++q) {
+          if (q >= nt) break;
+          const int64_t t = t0 + q;
+          const T* __restrict__ src = P + (g.tap_phase[t] * g.K2 + p) * g.PS + g.tap_off[t] + X0;
+#pragma GCC unroll 4
+          for (int c = 0; c < CT; ++c) {
+            const T* __restrict__ gv = G + (c0 + c) * gs + g.Mg + X0;
+#pragma omp simd
+            for (int v = 0; v < V; ++v) acc[c][q][v] += gv[v] * src[v];
+          }
+        }
+      }
+      for (int c = 0; c < CT; ++c) {
+        T* dst = gW + ((j * g.Cpg + c0 + c) * g.K2 + p) * k2 + t0;
+        for (int q = 0; q < nt; ++q) {
+          T sum = T(0);
+          for (int v = 0; v < V; ++v) sum += acc[c][q][v];
+          dst[q] += sum;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void grad_w_task(const T* G, const T* P, const Geom& g, int64_t j, T* gW) {
+  int64_t c = 0;
+  for (; c + 2 <= g.Cpg; c += 2) grad_w_tile<T, 2>(G, P, g, j, c, gW);
+  for (; c < g.Cpg; ++c) grad_w_tile<T, 1>(G, P, g, j, c, gW);
+}
+
+template <typename T>
+void backward_impl(const T* go, const T* qkv, const T* fc, const T* bias, const T* Wt,
+                   const Geom& g, T* gqkv, T* gfc, T* gbias, T* gW) {
+  constexpr int V = kLanes<T>;
+  const int64_t HW = g.H * g.W, HWo = g.Ho * g.Wo, k2 = g.k * g.k;
+  const int64_t gs = g.gstride();
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nW = g.Cout * g.K2 * k2, nfc = g.K2 * g.M;
+  // Per-thread partial sums of the weight gradients, reduced below.
+  std::vector<T> partial(nthreads * (nW + nfc + g.K2), T(0));
+  const FcTiles<T> F(fc, bias, g);
+  at::parallel_for(0, g.B * g.d, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> S(g);
+    T* part = partial.data() + at::get_thread_num() * (nW + nfc + g.K2);
+    T* pW = part;
+    T* pfc = part + nW;
+    T* pb = pfc + nfc;
+    S.G.assign(g.Cpg * gs, T(0));
+    S.GF.assign(g.s * g.s * g.K2 * g.PS, T(0));
+    const int64_t Wr = round_up(g.W, V);
+    std::vector<T> accfc(nfc * V), accb(g.K2 * V);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / g.d, j = t % g.d;
+      build_f(qkv, F, g, b, j, S.P.data(), S.rows.data(), S.fr.data());
+      for (int64_t c = 0; c < g.Cpg; ++c) {  // output gradient, width Wq, dropped columns 0
+        const T* src = go + (b * g.Cout + j * g.Cpg + c) * HWo;
+        T* dst = S.G.data() + c * gs + g.Mg;
+        for (int64_t yo = 0; yo < g.Ho; ++yo)
+          std::memcpy(dst + yo * g.Wq, src + yo * g.Wo, g.Wo * sizeof(T));
+      }
+      grad_w_task(S.G.data(), S.P.data(), g, j, pW);
+      grad_f_task(S.G.data(), Wt, g, j, S.GF.data());
+      // Per image row: gradient of f at the row's pixels, then fc's input and weights.
+      std::fill(accfc.begin(), accfc.end(), T(0));
+      std::fill(accb.begin(), accb.end(), T(0));
+      for (int64_t y = 0; y < g.H; ++y) {
+        const int64_t yp = y + g.r, a = yp % g.s, u = yp / g.s;
+        // The row's f gradients: straight from the phase plane for stride 1 (the
+        // columns past W hold padding gradients and meet zero inputs below), else
+        // gathered from the phases.
+        const T* gf_row;
+        int64_t gf_stride;
+        if (g.s == 1) {
+          gf_row = S.GF.data() + u * g.Wq + g.r;
+          gf_stride = g.PS;
+        } else {
+          for (int64_t p = 0; p < g.K2; ++p) {
+            T* fr = S.fr.data() + p * Wr;
+            for (int64_t x = 0; x < g.W; ++x)
+              fr[x] = S.GF[((a * g.s + g.col_phase[x]) * g.K2 + p) * g.PS + u * g.Wq + g.col_v[x]];
+          }
+          gf_row = S.fr.data();
+          gf_stride = Wr;
+        }
+        const InputRows<T> in_rows(qkv, g, b, j, y, S.rows.data());
+        constexpr int MC = FcTiles<T>::MC;
+        for (int64_t mc = 0; mc < F.nmc; ++mc) {
+          const int64_t m0 = mc * MC, nm = std::min<int64_t>(MC, g.M - m0);
+          const T* w = F.bw.data() + mc * g.K2 * MC;
+          for (int64_t x0 = 0; x0 < Wr; x0 += V) {  // d qkv[m] = sum_p fc[p][m] d f[p]
+            T gi[MC][V] = {};
+            for (int64_t p = 0; p < g.K2; ++p) {
+              const T* __restrict__ fr = gf_row + p * gf_stride + x0;
+#pragma GCC unroll 12
+              for (int q = 0; q < MC; ++q) {
+                const T wq = w[p * MC + q];
+#pragma omp simd
+                for (int v = 0; v < V; ++v) gi[q][v] += wq * fr[v];
+              }
+            }
+            const int64_t lim = std::min<int64_t>(V, g.W - x0);
+            for (int q = 0; q < nm; ++q)
+              std::memcpy(gqkv + ((b * g.M + m0 + q) * g.d + j) * HW + y * g.W + x0, gi[q],
+                          lim * sizeof(T));
+          }
+        }
+        for (int64_t p = 0; p < g.K2; ++p) {  // d fc[p][m] += d f[p] . qkv[m] over the row
+          const T* __restrict__ fr = gf_row + p * gf_stride;
+          for (int64_t mc = 0; mc < F.nmc; ++mc) {
+            const int64_t m0 = mc * MC, nm = std::min<int64_t>(MC, g.M - m0);
+            T t[MC][V] = {};
+            for (int64_t x0 = 0; x0 < Wr; x0 += V) {
+#pragma GCC unroll 12
+              for (int q = 0; q < MC; ++q) {
+                if (q >= nm) break;
+                const T* __restrict__ in = in_rows.at(m0 + q, x0);
+#pragma omp simd
+                for (int v = 0; v < V; ++v) t[q][v] += fr[x0 + v] * in[v];
+              }
+            }
+            for (int q = 0; q < nm; ++q) {
+              T* __restrict__ af = accfc.data() + (p * g.M + m0 + q) * V;
+#pragma omp simd
+              for (int v = 0; v < V; ++v) af[v] += t[q][v];
+            }
+          }
+        }
+        if (gbias) {
+          for (int64_t p = 0; p < g.K2; ++p) {
+            const T* __restrict__ fr = gf_row + p * gf_stride;
+            T* __restrict__ ab = accb.data() + p * V;
+            int64_t x0 = 0;
+            for (; x0 + V <= g.W; x0 += V) {
+#pragma omp simd
+              for (int v = 0; v < V; ++v) ab[v] += fr[x0 + v];
+            }
+            for (int64_t x = x0; x < g.W; ++x) ab[x - x0] += fr[x];
+          }
+        }
+      }
+      for (int64_t i = 0; i < nfc; ++i) {
+        T sum = T(0);
+        for (int v = 0; v < V; ++v) sum += accfc[i * V + v];
+        pfc[i] += sum;
+      }
+      for (int64_t p = 0; p < g.K2; ++p) {
+        T sum = T(0);
+        for (int v = 0; v < V; ++v) sum += accb[p * V + v];
+        pb[p] += sum;
+      }
+    }
+  });
+  for (int64_t th = 0; th < nthreads; ++th) {
+    const T* part = partial.data() + th * (nW + nfc + g.K2);
+    for (int64_t i = 0; i < nW; ++i) gW[i] += part[i];
+    for (int64_t i = 0; i < nfc; ++i) gfc[i] += part[nW + i];
+    if (gbias)
+      for (int64_t i = 0; i < g.K2; ++i) gbias[i] += part[nW + nfc + i];
+  }
+}
+
+Geom check_args(const at::Tensor& qkv, const at::Tensor& fc_w, const c10::optional<at::Tensor>& fc_b,
+                const at::Tensor& dep_w, int64_t stride) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 4 && qkv.is_contiguous(),
+              "conv_path_cpu: qkv must be a contiguous CPU (B, 3C, H, W) tensor");
+  TORCH_CHECK(fc_w.dim() == 2 && fc_w.is_contiguous() && fc_w.scalar_type() == qkv.scalar_type(),
+              "conv_path_cpu: fc weight must be a contiguous (K2, 3N) tensor of qkv's dtype");
+  TORCH_CHECK(dep_w.dim() == 4 && dep_w.is_contiguous() && dep_w.scalar_type() == qkv.scalar_type(),
+              "conv_path_cpu: grouped-conv weight must be a contiguous (C_out, K2, k, k) tensor");
+  const int64_t K2 = fc_w.size(0), M = fc_w.size(1), k = dep_w.size(2);
+  TORCH_CHECK(dep_w.size(1) == K2 && dep_w.size(3) == k && k % 2 == 1 && K2 == k * k,
+              "conv_path_cpu: grouped-conv weight must be (C_out, k*k, k, k) with odd k");
+  TORCH_CHECK(qkv.size(1) % M == 0, "conv_path_cpu: qkv channels not divisible by 3N");
+  const int64_t d = qkv.size(1) / M;
+  TORCH_CHECK(dep_w.size(0) % d == 0, "conv_path_cpu: C_out not divisible by d");
+  TORCH_CHECK(stride >= 1, "conv_path_cpu: stride must be >= 1");
+  if (fc_b.has_value())
+    TORCH_CHECK(fc_b->numel() == K2 && fc_b->is_contiguous() && fc_b->scalar_type() == qkv.scalar_type(),
+                "conv_path_cpu: fc bias must be a contiguous (K2,) tensor");
+  return Geom(qkv, K2, k, stride, dep_w.size(0), M);
+}
+
+at::Tensor conv_path_forward(const at::Tensor& qkv, const at::Tensor& fc_w,
+                             const c10::optional<at::Tensor>& fc_b, const at::Tensor& dep_w,
+                             int64_t stride) {
+  const Geom g = check_args(qkv, fc_w, fc_b, dep_w, stride);
+  at::Tensor out = at::empty({g.B, g.Cout, g.Ho, g.Wo}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "conv_path_cpu_forward", [&] {
+    forward_impl<scalar_t>(qkv.data_ptr<scalar_t>(), fc_w.data_ptr<scalar_t>(),
+                           fc_b.has_value() ? fc_b->data_ptr<scalar_t>() : nullptr,
+                           dep_w.data_ptr<scalar_t>(), g, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::vector<at::Tensor> conv_path_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                           const at::Tensor& fc_w,
+                                           const c10::optional<at::Tensor>& fc_b,
+                                           const at::Tensor& dep_w, int64_t stride) {
+  const Geom g = check_args(qkv, fc_w, fc_b, dep_w, stride);
+  at::Tensor go = grad_out.contiguous();
+  TORCH_CHECK(go.sizes() == at::IntArrayRef({g.B, g.Cout, g.Ho, g.Wo}),
+              "conv_path_cpu: grad_out has the wrong shape");
+  at::Tensor gqkv = at::empty_like(qkv);
+  at::Tensor gfc = at::zeros_like(fc_w);
+  at::Tensor gb = fc_b.has_value() ? at::zeros_like(*fc_b) : at::Tensor();
+  at::Tensor gW = at::zeros_like(dep_w);
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "conv_path_cpu_backward", [&] {
+    backward_impl<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
+                            fc_w.data_ptr<scalar_t>(),
+                            fc_b.has_value() ? fc_b->data_ptr<scalar_t>() : nullptr,
+                            dep_w.data_ptr<scalar_t>(), g, gqkv.data_ptr<scalar_t>(),
+                            gfc.data_ptr<scalar_t>(),
+                            fc_b.has_value() ? gb.data_ptr<scalar_t>() : nullptr,
+                            gW.data_ptr<scalar_t>());
+  });
+  return {gqkv, gfc, gb, gW};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &conv_path_forward, "fused ACmix convolution path forward (CPU)");
+  m.def("backward", &conv_path_backward, "fused ACmix convolution path backward (CPU)");
+}
