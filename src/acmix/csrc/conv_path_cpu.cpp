@@ -212,16 +212,32 @@ void conv_group(const T* P, const T* Wt, const Geom& g, int64_t j, T* out, int64
   for (; c < g.Cpg; ++c) conv_tile<T, 1>(P, Wt, g, o0 + c, out + c * so, so);
 }
 
-// Per-thread buffers, reused across tasks (the padding stays zero).
+// Per-thread buffers, zero-filled once per call and reused across its tasks (the
+// padding is never written, so it stays zero). They outlive the call and are
+// reallocated only to grow: repeated calls do not page-fault fresh memory in.
 template <typename T>
 struct Scratch {
-  std::vector<T> P, O, rows, fr, G, GF;
-  Scratch(const Geom& g) {
+  std::vector<T>& P;
+  std::vector<T>& O;
+  std::vector<T>& rows;
+  std::vector<T>& fr;
+  std::vector<T>& G;
+  std::vector<T>& GF;
+  static std::vector<T>& buffer(int slot) {
+    thread_local std::vector<T> buffers[6];
+    return buffers[slot];
+  }
+  Scratch(const Geom& g, bool backward)
+      : P(buffer(0)), O(buffer(1)), rows(buffer(2)), fr(buffer(3)), G(buffer(4)), GF(buffer(5)) {
     const int64_t Wr = round_up(g.W, kLanes<T>);
     P.assign(g.s * g.s * g.K2 * g.PS, T(0));
     O.assign(g.Cpg * round_up(g.nout() + 32, 32), T(0));
     rows.assign(g.M * kLanes<T>, T(0));
     fr.assign(round_up(g.K2, FcTiles<T>::PC) * Wr, T(0));
+    if (backward) {
+      G.assign(g.Cpg * g.gstride(), T(0));
+      GF.assign(g.s * g.s * g.K2 * g.PS, T(0));
+    }
   }
 };
 
@@ -230,7 +246,7 @@ void forward_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, const G
   const int64_t so = round_up(g.nout() + 32, 32), HWo = g.Ho * g.Wo;
   const FcTiles<T> F(fc, bias, g);
   at::parallel_for(0, g.B * g.d, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> S(g);
+    Scratch<T> S(g, false);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / g.d, j = t % g.d;
       build_f(qkv, F, g, b, j, S.P.data(), S.rows.data(), S.fr.data());
@@ -338,13 +354,11 @@ void backward_impl(const T* go, const T* qkv, const T* fc, const T* bias, const 
   std::vector<T> partial(nthreads * (nW + nfc + g.K2), T(0));
   const FcTiles<T> F(fc, bias, g);
   at::parallel_for(0, g.B * g.d, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> S(g);
+    Scratch<T> S(g, true);
     T* part = partial.data() + at::get_thread_num() * (nW + nfc + g.K2);
     T* pW = part;
     T* pfc = part + nW;
     T* pb = pfc + nfc;
-    S.G.assign(g.Cpg * gs, T(0));
-    S.GF.assign(g.s * g.s * g.K2 * g.PS, T(0));
     const int64_t Wr = round_up(g.W, V);
     std::vector<T> accfc(nfc * V), accb(g.K2 * V);
     for (int64_t t = begin; t < end; ++t) {

@@ -41,6 +41,17 @@ constexpr int kLanes = 64 / sizeof(T);
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Per-thread scratch that outlives the call: refilled (n zeros) on every use but
+// reallocated only when it must grow, so repeated calls do not page-fault fresh
+// memory in (on the development VMs that cost more than the kernel's arithmetic).
+template <typename T>
+std::vector<T>& scratch(int slot, int64_t n) {
+  thread_local std::vector<T> buffers[12];
+  std::vector<T>& b = buffers[slot];
+  b.assign(n, T(0));
+  return b;
+}
+
 // ---------------------------------------------------------------------------
 // exp. float: Cephes' single-precision range reduction and polynomial (about
 // 1 ulp), written so the compiler vectorises it; double: std::exp.
@@ -193,10 +204,13 @@ struct Workspace {
   std::vector<int64_t> off;  // window offsets
   // The query-layout planes have a front margin of M elements: the transposed
   // sums read up to M before a block (where the weights are zero).
-  std::vector<T> q, k, v;
+  std::vector<T>& q;
+  std::vector<T>& k;
+  std::vector<T>& v;
 
   Workspace(const Geometry& g, bool strided_forward)
-      : H(g.H), W(g.W), d(g.d), K2(g.kernel * g.kernel), r(g.r) {
+      : H(g.H), W(g.W), d(g.d), K2(g.kernel * g.kernel), r(g.r), q(scratch<T>(0, 0)),
+        k(scratch<T>(1, 0)), v(scratch<T>(2, 0)) {
     constexpr int64_t V = kLanes<T>;
     Wp = W + 2 * r;
     Hp = H + 2 * r;
@@ -304,7 +318,10 @@ void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T
     Workspace<T> S(g, strided);
     constexpr int64_t V = kLanes<T>;
     const int64_t Wp = S.Wp, K2 = S.K2, nmax = round_up(S.R * Wp, V) + V;
-    std::vector<T> Lbuf(K2 * S.sL, T(0)), mx(nmax), sum(nmax), acc(g.d * nmax);
+    std::vector<T>& Lbuf = scratch<T>(3, K2 * S.sL);
+    std::vector<T>& mx = scratch<T>(4, nmax);
+    std::vector<T>& sum = scratch<T>(5, nmax);
+    std::vector<T>& acc = scratch<T>(6, g.d * nmax);
     std::vector<const T*> ptr(K2), wptr(K2);
     T* L = Lbuf.data() + S.M;
     for (int64_t p = 0; p < K2; ++p) wptr[p] = L + p * S.sL;
@@ -362,8 +379,14 @@ void backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* 
     const int64_t Wp = S.Wp, K2 = S.K2, M = S.M, nmax = round_up(S.R * Wp, V) + V;
     // Padded-key-layout gradients, query-layout gradient and output gradient (the
     // latter with the same front margin as the queries).
-    std::vector<T> gk(g.d * S.sk), gv(g.d * S.sk), gq(g.d * S.sq), gob(M + g.d * S.sq + M, T(0));
-    std::vector<T> Abuf(K2 * S.sL, T(0)), dAbuf(K2 * S.sL, T(0)), D(nmax), l(nmax);
+    std::vector<T>& gk = scratch<T>(3, g.d * S.sk);
+    std::vector<T>& gv = scratch<T>(4, g.d * S.sk);
+    std::vector<T>& gq = scratch<T>(5, g.d * S.sq);
+    std::vector<T>& gob = scratch<T>(6, M + g.d * S.sq + M);
+    std::vector<T>& Abuf = scratch<T>(7, K2 * S.sL);
+    std::vector<T>& dAbuf = scratch<T>(8, K2 * S.sL);
+    std::vector<T>& D = scratch<T>(9, nmax);
+    std::vector<T>& l = scratch<T>(10, nmax);
     std::vector<const T*> ptr(K2), wptr(K2), wptr2(K2);
     T* A = Abuf.data() + M;
     T* dA = dAbuf.data() + M;
