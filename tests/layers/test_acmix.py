@@ -43,9 +43,10 @@ def test_fixture_parity_float64(fixtures_dir, name, backend) -> None:
 
 
 @pytest.mark.parametrize("name", RESNET_CASES)
-def test_fixture_parity_float32(fixtures_dir, name) -> None:
+@pytest.mark.parametrize("backend", ["cpp", "shift"])
+def test_fixture_parity_float32(fixtures_dir, name, backend) -> None:
     fx = load_fixture(fixtures_dir, name)
-    y, gx, grads = _run_fixture(fx, torch.float32, "shift")
+    y, gx, grads = _run_fixture(fx, torch.float32, backend)
     assert rel_err(y, fx["output"]) <= 1e-4
     assert rel_err(gx, fx["grad_input"]) <= 1e-4
     for key, g in fx["param_grads"].items():
@@ -56,6 +57,42 @@ def test_fixture_parity_float32(fixtures_dir, name) -> None:
             assert grads[key].abs().max() < 1e-4
             continue
         assert rel_err(grads[key], g) <= 1e-4, key
+
+
+def _fwd_bwd(m: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    x = x.detach().requires_grad_(True)
+    m.zero_grad(set_to_none=True)
+    y = m(x)
+    (y * g).sum().backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding_mode", "hw"), [(1, "reflect", (12, 13)), (2, "zeros", (11, 14))]
+)
+def test_fused_stage2_equals_composed_paths_and_reference(stride, padding_mode, hw) -> None:
+    """One fused CPU node (both kernels + mix) = the composed paths = the reference path."""
+    torch.manual_seed(0)
+    m = ACmix(16, 16, kernel_att=5, head=4, stride=stride, padding_mode=padding_mode).double()
+    with torch.no_grad():  # rates and a learned-looking grouped conv, not the init values
+        m.rate1.fill_(0.7)
+        m.rate2.fill_(-1.3)
+        m.dep_conv.weight.normal_()
+    x = torch.randn(2, 16, *hw, dtype=torch.float64)
+    g = torch.randn(2, 16, -(-hw[0] // stride), -(-hw[1] // stride), dtype=torch.float64)
+    qkv = torch.nn.functional.conv2d(x, *m.qkv_weight())
+    assert m._stage2_fused(qkv, qkv.view(2, 12, 4, *hw))
+    fused = _fwd_bwd(m, x, g)
+    m.fuse_stage2 = False
+    composed = _fwd_bwd(m, x, g)
+    m.fuse_stage2 = True
+    m.backend = "reference"
+    reference = _fwd_bwd(m, x, g)
+    for other in (composed, reference):
+        assert max_abs(fused[0], other[0]) < 1e-12
+        assert max_abs(fused[1], other[1]) < 1e-12
+        for key, grad in other[2].items():
+            assert max_abs(fused[2][key], grad) < 1e-11 * max(1.0, grad.abs().max().item()), key
 
 
 def test_state_dict_round_trip_and_authors_keys() -> None:

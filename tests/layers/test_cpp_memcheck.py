@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
         pe = torch.randn(d, H, W, dtype=dt)
         for step in (1, 2, 3):
             out, lse = ext.forward(qkv, pe, N, k, zeros, 0.3, step)
-            g = ext.backward(torch.randn_like(out), qkv, pe, lse, N, k, zeros, 0.3, step)
+            g, _ = ext.backward(torch.randn_like(out), qkv, pe, lse, N, k, zeros, 0.3, step, 0.7)
             assert torch.isfinite(out).all() and torch.isfinite(g).all()
     # conv path: (B, N, d, H, W, k, stride, outputs per group, bias)
     conv_shapes = [(2, 4, 5, 9, 11, 3, 1, 4, False), (1, 2, 3, 8, 7, 3, 2, 4, True),
@@ -48,7 +48,8 @@ SCRIPT = textwrap.dedent(
         fb = torch.randn(k * k, dtype=dt) if bias else None
         dw = torch.randn(per * d, k * k, k, k, dtype=dt)
         out = conv.forward(qkv, fw, fb, dw, s)
-        grads = conv.backward(torch.randn_like(out), qkv, fw, fb, dw, s)
+        grads = conv.backward(torch.randn_like(out), qkv, fw, fb, dw, s, 0.7, None)
+        conv.backward(torch.randn_like(out), qkv, fw, fb, dw, s, 1.0, grads[0])  # accumulate
         assert torch.isfinite(out).all()
         assert all(torch.isfinite(t).all() for t in grads if t is not None)
     print("memcheck ok")

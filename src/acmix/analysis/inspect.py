@@ -104,6 +104,7 @@ def path_contributions(model: nn.Module, images: torch.Tensor) -> list[LayerRate
                 return type(m).mix(m, att, conv)
 
             m.mix = mix  # type: ignore[method-assign]
+            m.fuse_stage2 = False  # run the two paths separately so that mix sees them
     was_training = model.training
     try:
         model.eval()
@@ -111,6 +112,7 @@ def path_contributions(model: nn.Module, images: torch.Tensor) -> list[LayerRate
     finally:
         for m in originals.values():
             del m.mix
+            del m.fuse_stage2
         model.train(was_training)
     return [records[n] for n in originals if n in records]
 

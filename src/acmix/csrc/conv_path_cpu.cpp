@@ -343,8 +343,9 @@ void grad_w_task(const T* G, const T* P, const Geom& g, int64_t j, T* gW) {
 }
 
 template <typename T>
-void backward_impl(const T* go, const T* qkv, const T* fc, const T* bias, const T* Wt,
-                   const Geom& g, T* gqkv, T* gfc, T* gbias, T* gW) {
+void backward_impl(const T* go, T go_scale, const T* qkv, const T* fc, const T* bias,
+                   const T* Wt, const Geom& g, T* gqkv, bool accumulate, T* gfc, T* gbias,
+                   T* gW) {
   constexpr int V = kLanes<T>;
   const int64_t HW = g.H * g.W, HWo = g.Ho * g.Wo, k2 = g.k * g.k;
   const int64_t gs = g.gstride();
@@ -411,9 +412,14 @@ void backward_impl(const T* go, const T* qkv, const T* fc, const T* bias, const 
               }
             }
             const int64_t lim = std::min<int64_t>(V, g.W - x0);
-            for (int q = 0; q < nm; ++q)
-              std::memcpy(gqkv + ((b * g.M + m0 + q) * g.d + j) * HW + y * g.W + x0, gi[q],
-                          lim * sizeof(T));
+            for (int q = 0; q < nm; ++q) {
+              T* dst = gqkv + ((b * g.M + m0 + q) * g.d + j) * HW + y * g.W + x0;
+              if (accumulate) {
+                for (int64_t v = 0; v < lim; ++v) dst[v] += go_scale * gi[q][v];
+              } else {
+                for (int64_t v = 0; v < lim; ++v) dst[v] = go_scale * gi[q][v];
+              }
+            }
           }
         }
         for (int64_t p = 0; p < g.K2; ++p) {  // d fc[p][m] += d f[p] . qkv[m] over the row
@@ -505,23 +511,36 @@ at::Tensor conv_path_forward(const at::Tensor& qkv, const at::Tensor& fc_w,
   return out;
 }
 
+// Gradients for the output gradient go_scale * grad_out: the gradient of qkv is
+// added into grad_qkv where one is given (and returned), else written to a new
+// tensor; the weight gradients are returned for grad_out itself (unscaled: the
+// caller scales these small tensors, and sum(W * dW) = sum(grad_out * out) is
+// then the gradient of go_scale).
 std::vector<at::Tensor> conv_path_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
                                            const at::Tensor& fc_w,
                                            const c10::optional<at::Tensor>& fc_b,
-                                           const at::Tensor& dep_w, int64_t stride) {
+                                           const at::Tensor& dep_w, int64_t stride,
+                                           double go_scale,
+                                           const c10::optional<at::Tensor>& grad_qkv) {
   const Geom g = check_args(qkv, fc_w, fc_b, dep_w, stride);
   at::Tensor go = grad_out.contiguous();
-  TORCH_CHECK(go.sizes() == at::IntArrayRef({g.B, g.Cout, g.Ho, g.Wo}),
-              "conv_path_cpu: grad_out has the wrong shape");
-  at::Tensor gqkv = at::empty_like(qkv);
+  TORCH_CHECK(go.sizes() == at::IntArrayRef({g.B, g.Cout, g.Ho, g.Wo}) &&
+                  go.scalar_type() == qkv.scalar_type(),
+              "conv_path_cpu: grad_out must be (B, C_out, ceil(H/s), ceil(W/s)) of qkv's dtype");
+  const bool accumulate = grad_qkv.has_value();
+  if (accumulate)
+    TORCH_CHECK(grad_qkv->is_contiguous() && grad_qkv->sizes() == qkv.sizes() &&
+                    grad_qkv->scalar_type() == qkv.scalar_type(),
+                "conv_path_cpu: grad_qkv must be a contiguous tensor like qkv");
+  at::Tensor gqkv = accumulate ? *grad_qkv : at::empty_like(qkv);
   at::Tensor gfc = at::zeros_like(fc_w);
   at::Tensor gb = fc_b.has_value() ? at::zeros_like(*fc_b) : at::Tensor();
   at::Tensor gW = at::zeros_like(dep_w);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "conv_path_cpu_backward", [&] {
-    backward_impl<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
-                            fc_w.data_ptr<scalar_t>(),
+    backward_impl<scalar_t>(go.data_ptr<scalar_t>(), static_cast<scalar_t>(go_scale),
+                            qkv.data_ptr<scalar_t>(), fc_w.data_ptr<scalar_t>(),
                             fc_b.has_value() ? fc_b->data_ptr<scalar_t>() : nullptr,
-                            dep_w.data_ptr<scalar_t>(), g, gqkv.data_ptr<scalar_t>(),
+                            dep_w.data_ptr<scalar_t>(), g, gqkv.data_ptr<scalar_t>(), accumulate,
                             gfc.data_ptr<scalar_t>(),
                             fc_b.has_value() ? gb.data_ptr<scalar_t>() : nullptr,
                             gW.data_ptr<scalar_t>());

@@ -8,8 +8,8 @@
 //                 appear twice and then count twice, as in the authors' code);
 //   zeros mode:   out-of-image keys are excluded from the softmax.
 // logit = scale * q_c . (k_n - pe_n)   (q_c . pe_c is constant over the window
-// and cancels in the softmax). Strided queries: only rows 0, s, 2s, ... are
-// computed, at full width; the caller takes every s-th column.
+// and cancels in the softmax). Stride s: the queries are the pixels (s i, s j);
+// only their rows are computed (at full width), the output is (ceil(H/s), ceil(W/s)).
 //
 // Layout. Per (batch, head) plane the keys (k - pe) and values are copied once
 // into padded planes of width Wp = W + 2r, and the scaled queries into a plane
@@ -176,7 +176,8 @@ void wsum(const T* const* w, const T* const* b, int64_t sb, int64_t K2, int64_t 
 struct Geometry {
   int64_t B, N, d, H, W, kernel, r;
   bool zeros;        // masked zero padding (else reflection)
-  int64_t row_step;  // queries only in rows 0, row_step, 2 row_step, ...
+  int64_t stride;  // queries at (stride * i, stride * j)
+  int64_t Ho, Wo;  // output size: ceil(H / stride), ceil(W / stride)
 };
 
 inline int64_t reflect(int64_t x, int64_t n) {
@@ -215,7 +216,7 @@ struct Workspace {
     Wp = W + 2 * r;
     Hp = H + 2 * r;
     // Keep a block's K2 weight rows within ~256 KiB (one row when the forward
-    // only wants every row_step-th row).
+    // only wants every stride-th row).
     R = strided_forward ? 1
                         : std::max<int64_t>(
                               1, std::min<int64_t>(H, (int64_t(1) << 16) / (K2 * Wp)));
@@ -313,7 +314,7 @@ void block_logits(Workspace<T>& S, const Geometry& g, int64_t i0, int64_t i1, in
 template <typename T>
 void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T* lse) {
   const int64_t HW = g.H * g.W;
-  const bool strided = g.row_step > 1;
+  const bool strided = g.stride > 1;
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
     Workspace<T> S(g, strided);
     constexpr int64_t V = kLanes<T>;
@@ -325,7 +326,7 @@ void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T
     std::vector<const T*> ptr(K2), wptr(K2);
     T* L = Lbuf.data() + S.M;
     for (int64_t p = 0; p < K2; ++p) wptr[p] = L + p * S.sL;
-    const int64_t advance = strided ? g.row_step : S.R;
+    const int64_t advance = strided ? g.stride : S.R;
     for (int64_t bn = begin; bn < end; ++bn) {
       build_planes(qkv, pe, g, bn, scale, S);
       for (int64_t i0 = 0; i0 < g.H; i0 += advance) {
@@ -356,13 +357,15 @@ void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T
         for (int64_t p = 0; p < K2; ++p) ptr[p] = S.v.data() + i0 * Wp + S.off[p];
         wsum<T, false>(wptr.data(), ptr.data(), S.sk, K2, g.d, nr, acc.data(), nmax);
         for (int64_t c = 0; c < g.d; ++c) {
-          T* o = out + (bn * g.d + c) * HW;
+          T* o = out + (bn * g.d + c) * g.Ho * g.Wo;
           const T* a = acc.data() + c * nmax;
-          for (int64_t i = i0; i < i1; ++i)
-            for (int64_t j = 0; j < g.W; ++j) {
+          for (int64_t i = i0; i < i1; ++i) {  // (the rows of a strided block are queries)
+            T* orow = o + (i / g.stride) * g.Wo;
+            for (int64_t j = 0; j < g.W; j += g.stride) {
               const int64_t x = (i - i0) * Wp + j;
-              o[i * g.W + j] = a[x] / sum[x];
+              orow[j / g.stride] = a[x] / sum[x];
             }
+          }
         }
       }
     }
@@ -370,10 +373,14 @@ void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T
 }
 
 template <typename T>
-void backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* lse,
-                         const Geometry& g, T scale, T* grad_qkv) {
+double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* lse,
+                           const Geometry& g, T scale, T go_scale, T* grad_qkv) {
   const int64_t HW = g.H * g.W, C = g.N * g.d;
+  // Per-thread sums of D = sum_p A * dA = grad_out . out over all queries (the
+  // gradient of a scale on the output, e.g. ACmix's alpha, for free).
+  std::vector<double> dsum(at::get_num_threads(), 0.0);
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
+    double& dsum_thread = dsum[at::get_thread_num()];
     Workspace<T> S(g, false);
     constexpr int64_t V = kLanes<T>;
     const int64_t Wp = S.Wp, K2 = S.K2, M = S.M, nmax = round_up(S.R * Wp, V) + V;
@@ -395,10 +402,14 @@ void backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* 
       build_planes(qkv, pe, g, bn, scale, S);
       std::fill(gk.begin(), gk.end(), T(0));
       std::fill(gv.begin(), gv.end(), T(0));
-      for (int64_t c = 0; c < g.d; ++c)  // output gradient, padded width (extra columns 0)
-        for (int64_t i = 0; i < g.H; ++i)
-          std::memcpy(go + c * S.sq + i * Wp, grad_out + (bn * g.d + c) * HW + i * g.W,
-                      g.W * sizeof(T));
+      // Output gradient at the query pixels of the padded-width layout; every other
+      // position stays 0. (go_scale is applied when the gradients are folded.)
+      for (int64_t c = 0; c < g.d; ++c)
+        for (int64_t io = 0; io < g.Ho; ++io) {
+          const T* src = grad_out + ((bn * g.d + c) * g.Ho + io) * g.Wo;
+          T* dst = go + c * S.sq + io * g.stride * Wp;
+          for (int64_t jo = 0; jo < g.Wo; ++jo) dst[jo * g.stride] = src[jo];
+        }
       for (int64_t i0 = 0; i0 < g.H; i0 += S.R) {
         const int64_t i1 = std::min(g.H, i0 + S.R), n = (i1 - i0) * Wp, nr = round_up(n, V);
         const int64_t base = i0 * Wp;
@@ -407,7 +418,7 @@ void backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* 
         // tile overrun (there l = +inf), and in the margins (never written).
         std::fill(l.begin(), l.begin() + nr, std::numeric_limits<T>::infinity());
         for (int64_t i = i0; i < i1; ++i) {
-          if (i % g.row_step != 0) continue;
+          if (i % g.stride != 0) continue;
           std::memcpy(l.data() + (i - i0) * Wp, lse + bn * HW + i * g.W, g.W * sizeof(T));
         }
         for (int64_t p = 0; p < K2; ++p) {
@@ -427,6 +438,9 @@ void backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* 
 #pragma omp simd
           for (int64_t x = 0; x < nr; ++x) Dp[x] += a[x] * da[x];
         }
+        double dblock = 0.0;  // (zero at extra columns, overrun and non-query rows)
+        for (int64_t x = 0; x < nr; ++x) dblock += D[x];
+        dsum_thread += dblock;
         for (int64_t p = 0; p < K2; ++p) {
           const T* __restrict__ a = A + p * S.sL;
           T* __restrict__ da = dA + p * S.sL;
@@ -463,30 +477,33 @@ void backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* 
       for (int64_t c = 0; c < g.d; ++c) {
         for (int64_t i = 0; i < g.H; ++i)
           for (int64_t j = 0; j < g.W; ++j)
-            GQ[c * HW + i * g.W + j] = gq[c * S.sq + i * Wp + j] * scale;
+            GQ[c * HW + i * g.W + j] = gq[c * S.sq + i * Wp + j] * (scale * go_scale);
         for (int64_t yp = 0; yp < S.Hp; ++yp) {
           const int64_t y = source(yp - g.r, g.H, g.zeros);
           if (y < 0) continue;
           for (int64_t xp = 0; xp < Wp; ++xp) {
             const int64_t x = source(xp - g.r, g.W, g.zeros);
             if (x < 0) continue;
-            GK[c * HW + y * g.W + x] += gk[c * S.sk + yp * Wp + xp];
-            GV[c * HW + y * g.W + x] += gv[c * S.sk + yp * Wp + xp];
+            GK[c * HW + y * g.W + x] += gk[c * S.sk + yp * Wp + xp] * go_scale;
+            GV[c * HW + y * g.W + x] += gv[c * S.sk + yp * Wp + xp] * go_scale;
           }
         }
       }
     }
   });
+  double total = 0.0;
+  for (const double t : dsum) total += t;
+  return total;
 }
 
 Geometry geometry(const at::Tensor& qkv, int64_t heads, int64_t kernel, bool zeros,
-                  int64_t row_step) {
+                  int64_t stride) {
   TORCH_CHECK(qkv.device().is_cpu(), "local_attention_cpu: tensors must be on the CPU");
   TORCH_CHECK(qkv.dim() == 4 && qkv.is_contiguous(),
               "local_attention_cpu: qkv must be a contiguous (B, 3C, H, W) tensor");
   TORCH_CHECK(qkv.size(1) % (3 * heads) == 0, "local_attention_cpu: 3C not divisible by 3 heads");
   TORCH_CHECK(kernel % 2 == 1 && kernel >= 1, "local_attention_cpu: kernel must be odd");
-  TORCH_CHECK(row_step >= 1, "local_attention_cpu: row_step must be >= 1");
+  TORCH_CHECK(stride >= 1, "local_attention_cpu: stride must be >= 1");
   Geometry g;
   g.B = qkv.size(0);
   g.N = heads;
@@ -496,7 +513,9 @@ Geometry geometry(const at::Tensor& qkv, int64_t heads, int64_t kernel, bool zer
   g.kernel = kernel;
   g.r = kernel / 2;
   g.zeros = zeros;
-  g.row_step = row_step;
+  g.stride = stride;
+  g.Ho = (g.H + stride - 1) / stride;
+  g.Wo = (g.W + stride - 1) / stride;
   TORCH_CHECK(zeros || (g.r < g.H && g.r < g.W),
               "local_attention_cpu: map too small for reflection padding");
   return g;
@@ -504,18 +523,17 @@ Geometry geometry(const at::Tensor& qkv, int64_t heads, int64_t kernel, bool zer
 
 std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::Tensor>& pe,
                                 int64_t heads, int64_t kernel, bool zeros,
-                                double scale, int64_t row_step) {
-  const Geometry g = geometry(qkv, heads, kernel, zeros, row_step);
+                                double scale, int64_t stride) {
+  const Geometry g = geometry(qkv, heads, kernel, zeros, stride);
   if (pe.has_value()) {
     TORCH_CHECK(pe->is_contiguous() && pe->numel() == g.d * g.H * g.W &&
                     pe->scalar_type() == qkv.scalar_type(),
                 "local_attention_cpu: pe must be a contiguous (d, H, W) tensor of qkv's dtype");
   }
-  // Zeros: with row_step > 1 the rows in between are not computed.
-  at::Tensor out = row_step > 1 ? at::zeros({g.B, g.N * g.d, g.H, g.W}, qkv.options())
-                                 : at::empty({g.B, g.N * g.d, g.H, g.W}, qkv.options());
-  at::Tensor lse = row_step > 1 ? at::zeros({g.B, g.N, g.H, g.W}, qkv.options())
-                                 : at::empty({g.B, g.N, g.H, g.W}, qkv.options());
+  at::Tensor out = at::empty({g.B, g.N * g.d, g.Ho, g.Wo}, qkv.options());
+  // Full resolution; the backward reads only the query rows (the others stay 0).
+  at::Tensor lse = stride > 1 ? at::zeros({g.B, g.N, g.H, g.W}, qkv.options())
+                              : at::empty({g.B, g.N, g.H, g.W}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_forward", [&] {
     forward_plane_loop<scalar_t>(qkv.data_ptr<scalar_t>(),
                                  pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr, g,
@@ -525,19 +543,28 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::T
   return {out, lse};
 }
 
-at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& qkv,
-                    const c10::optional<at::Tensor>& pe, const at::Tensor& lse, int64_t heads,
-                    int64_t kernel, bool zeros, double scale, int64_t row_step) {
-  const Geometry g = geometry(qkv, heads, kernel, zeros, row_step);
+// Returns (the gradient of qkv for the output gradient go_scale * grad_out
+// (B, C, Ho, Wo), the scalar sum(grad_out * out)); the latter is the gradient of
+// a scale applied to the output, computed on the way (see backward_plane_loop).
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                 const c10::optional<at::Tensor>& pe, const at::Tensor& lse,
+                                 int64_t heads, int64_t kernel, bool zeros, double scale,
+                                 int64_t stride, double go_scale) {
+  const Geometry g = geometry(qkv, heads, kernel, zeros, stride);
   at::Tensor go = grad_out.contiguous();
+  TORCH_CHECK(go.sizes() == at::IntArrayRef({g.B, g.N * g.d, g.Ho, g.Wo}) &&
+                  go.scalar_type() == qkv.scalar_type(),
+              "local_attention_cpu: grad_out must be (B, C, ceil(H/s), ceil(W/s)) of qkv's dtype");
   at::Tensor grad_qkv = at::zeros_like(qkv);
+  double dot = 0.0;
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_backward", [&] {
-    backward_plane_loop<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
-                                  pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr,
-                                  lse.data_ptr<scalar_t>(), g, static_cast<scalar_t>(scale),
-                                  grad_qkv.data_ptr<scalar_t>());
+    dot = backward_plane_loop<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
+                                        pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr,
+                                        lse.data_ptr<scalar_t>(), g, static_cast<scalar_t>(scale),
+                                        static_cast<scalar_t>(go_scale),
+                                        grad_qkv.data_ptr<scalar_t>());
   });
-  return grad_qkv;
+  return {grad_qkv, at::scalar_tensor(dot, qkv.options())};
 }
 
 }  // namespace

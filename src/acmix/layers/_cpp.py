@@ -91,39 +91,40 @@ def conv_path_kernel() -> ModuleType | None:
     return _load("conv_path_cpu", "conv_path_cpu.cpp")
 
 
+def _grad_pe(grad_qkv: torch.Tensor, heads: int, pe: torch.Tensor) -> torch.Tensor:
+    """Keys enter the attention as ``k - pe``: pe's gradient is minus the keys', summed."""
+    B, C3, H, W = grad_qkv.shape
+    C = C3 // 3
+    grad_k = grad_qkv[:, C : 2 * C].reshape(B, heads, C // heads, H, W)
+    return -grad_k.sum(dim=(0, 1)).reshape(pe.shape)
+
+
 class CppLocalAttention(torch.autograd.Function):
-    """Fused CPU local attention (stride 1) over a fused projection ``qkv (B, 3C, H, W)``.
+    """Fused CPU local attention over a fused projection ``qkv (B, 3C, H, W)``.
 
     Saves only ``qkv``, ``pe`` and the log-sum-exp for backward; returns
-    ``(B, C, H, W)`` in which only the rows ``0, row_step, 2 row_step, ...`` are
-    computed (the others are zero).
+    ``(B, C, ceil(H / stride), ceil(W / stride))``.
     """
 
     @staticmethod
-    def forward(
-        ctx, qkv, pe, heads: int, kernel: int, zeros: bool, scale: float, row_step: int = 1
-    ):  # type: ignore[override]
+    def forward(ctx, qkv, pe, heads: int, kernel: int, zeros: bool, scale: float, stride: int = 1):  # type: ignore[override]
         ext = cpu_kernel()
         assert ext is not None
-        out, lse = ext.forward(qkv, pe, heads, kernel, zeros, scale, row_step)
+        out, lse = ext.forward(qkv, pe, heads, kernel, zeros, scale, stride)
         ctx.save_for_backward(qkv, pe, lse)
-        ctx.args = (heads, kernel, zeros, scale, row_step)
+        ctx.args = (heads, kernel, zeros, scale, stride)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         qkv, pe, lse = ctx.saved_tensors
-        heads, kernel, zeros, scale, row_step = ctx.args
+        heads, kernel, zeros, scale, stride = ctx.args
         ext = cpu_kernel()
         assert ext is not None
-        grad_qkv = ext.backward(grad_out, qkv, pe, lse, heads, kernel, zeros, scale, row_step)
+        grad_qkv, _ = ext.backward(grad_out, qkv, pe, lse, heads, kernel, zeros, scale, stride, 1.0)
         grad_pe = None
         if pe is not None and ctx.needs_input_grad[1]:
-            # keys enter as k - pe: pe's gradient is minus the keys', summed over batch and heads.
-            B, C3, H, W = qkv.shape
-            C = C3 // 3
-            grad_k = grad_qkv[:, C : 2 * C].reshape(B, heads, C // heads, H, W)
-            grad_pe = -grad_k.sum(dim=(0, 1)).reshape(pe.shape)
+            grad_pe = _grad_pe(grad_qkv, heads, pe)
         return grad_qkv, grad_pe, None, None, None, None, None
 
 
@@ -148,6 +149,81 @@ class CppConvPath(torch.autograd.Function):
         ext = conv_path_kernel()
         assert ext is not None
         g_qkv, g_fc, g_bias, g_dep = ext.backward(
-            grad_out, qkv, fc_weight, fc_bias, dep_weight, ctx.stride
+            grad_out, qkv, fc_weight, fc_bias, dep_weight, ctx.stride, 1.0, None
         )
         return g_qkv, g_fc, g_bias if fc_bias is not None else None, g_dep, None
+
+
+class CppACmixStage2(torch.autograd.Function):
+    """ACmix's whole stage II on CPU: ``rate1 * attention + rate2 * conv path`` of ``qkv``.
+
+    One autograd node for both fused kernels and the mix: the backward writes a
+    single gradient of ``qkv`` (the conv path adds into the attention's), and
+    saves only ``qkv``, the log-sum-exp and the (small) weights. The rates'
+    gradients need no saved path outputs: ``sum(grad_out * att)`` is the sum of
+    the softmax-backward term the attention kernel forms anyway, and
+    ``sum(grad_out * conv) = sum(W * dW)`` for the (linear) conv path.
+
+    Args (forward): ``qkv (B, 3C, H, W)``, ``pe (d, H, W)`` or ``None``, fc
+    weight ``(K2, 3N)``, fc bias or ``None``, grouped-conv weight
+    ``(C_out, K2, k, k)``, ``rate1``, ``rate2`` (one element each), heads,
+    attention kernel, masked zero padding, logit scale, stride.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        qkv,
+        pe,
+        fc_weight,
+        fc_bias,
+        dep_weight,
+        rate1,
+        rate2,
+        heads: int,
+        kernel: int,
+        zeros: bool,
+        scale: float,
+        stride: int,
+    ):  # type: ignore[override]
+        att_ext, conv_ext = cpu_kernel(), conv_path_kernel()
+        assert att_ext is not None and conv_ext is not None
+        att, lse = att_ext.forward(qkv, pe, heads, kernel, zeros, scale, stride)
+        out = conv_ext.forward(qkv, fc_weight, fc_bias, dep_weight, stride)
+        out.mul_(rate2).add_(att, alpha=float(rate1))
+        ctx.save_for_backward(qkv, pe, lse, fc_weight, fc_bias, dep_weight, rate1, rate2)
+        ctx.args = (heads, kernel, zeros, scale, stride)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        qkv, pe, lse, fc_weight, fc_bias, dep_weight, rate1, rate2 = ctx.saved_tensors
+        heads, kernel, zeros, scale, stride = ctx.args
+        att_ext, conv_ext = cpu_kernel(), conv_path_kernel()
+        assert att_ext is not None and conv_ext is not None
+        go = grad_out.contiguous()
+        alpha, beta = float(rate1), float(rate2)
+        grad_qkv, go_dot_att = att_ext.backward(
+            go, qkv, pe, lse, heads, kernel, zeros, scale, stride, alpha
+        )
+        grad_pe = None
+        if pe is not None and ctx.needs_input_grad[1]:
+            grad_pe = _grad_pe(grad_qkv, heads, pe)  # before the conv path adds its part
+        _, g_fc, g_bias, g_dep = conv_ext.backward(
+            go, qkv, fc_weight, fc_bias, dep_weight, stride, beta, grad_qkv
+        )
+        g_rate2 = (dep_weight * g_dep).sum().reshape(rate2.shape)  # = sum(grad_out * conv)
+        return (
+            grad_qkv,
+            grad_pe,
+            g_fc.mul_(beta),
+            g_bias.mul_(beta) if fc_bias is not None else None,
+            g_dep.mul_(beta),
+            go_dot_att.reshape(rate1.shape),
+            g_rate2,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

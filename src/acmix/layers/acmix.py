@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acmix.layers.attention import ATTN_WEIGHTS, BACKENDS, local_attention_qkv
+from acmix.layers._cpp import CppACmixStage2
+from acmix.layers.attention import ATTN_WEIGHTS, BACKENDS, cpu_kernel_applies, local_attention_qkv
 from acmix.layers.checks import (
     check_channels,
     check_choice,
@@ -69,6 +70,10 @@ class ACmixBase(nn.Module):
             alpha/beta) or ``"conv"`` (convolution path only, no alpha/beta).
             The single-path forms are the ablations and baselines of the paper.
     """
+
+    #: Let layers run stage II as one fused CPU node where the kernels apply (the
+    #: result is the same; False runs the two paths and :meth:`mix` separately).
+    fuse_stage2: bool = True
 
     def __init__(
         self,
@@ -133,27 +138,32 @@ class ACmixBase(nn.Module):
             return self.dep_conv.weight
         return getattr(self, "shift_weight", None)
 
-    def forward_conv_path(self, qkv: torch.Tensor) -> torch.Tensor | None:
+    def forward_conv_path(self, qkv: torch.Tensor, macs_only: bool = False) -> torch.Tensor | None:
         """Convolution path on head features.
 
         Args:
             qkv: ``(B, 3N, d, H, W)`` (group ``which * N + head``; any strides).
+            macs_only: only record the fused kernel's multiply-adds for
+                :meth:`uncounted_macs` (the caller runs the path itself).
 
         Returns:
             ``(B, out_planes, ceil(H / stride), ceil(W / stride))``, or
-            ``None`` when the layer has no convolution path.
+            ``None`` when the layer has no convolution path (or ``macs_only``).
         """
         if self.fc is None:
             return None
         # Work the fused CPU kernel does out of the MAC counter's sight (the same
         # fc + grouped-conv multiply-adds the PyTorch path shows it); see uncounted_macs.
-        if self.shift_mode != "tensor" and fused_conv_path_applies(qkv):
+        use_kernel = getattr(self, "backend", "auto") in ("auto", "cpp")
+        if use_kernel and self.shift_mode != "tensor" and fused_conv_path_applies(qkv):
             B, M, d, H, W = qkv.shape
             Ho, Wo = out_size(H, self.stride), out_size(W, self.stride)
             K2 = self.kernel_conv**2
             self._fused_conv_macs = B * d * K2 * M * H * W + B * self.out_planes * K2 * K2 * Ho * Wo
         elif self._fused_conv_macs:
             self._fused_conv_macs = 0
+        if macs_only:
+            return None
         return conv_path(
             qkv,
             self.fc.weight,
@@ -163,6 +173,7 @@ class ACmixBase(nn.Module):
             self.out_planes,
             self.stride,
             self.shift_mode,
+            use_kernel,
         )
 
     def mix(self, att: torch.Tensor | None, conv: torch.Tensor | None) -> torch.Tensor:
@@ -343,18 +354,59 @@ class ACmix(ACmixBase):
         heads = qkv.view(B, 3 * N, d, H, W)  # group which*N + head
 
         # Stage II: both paths read the same projections.
+        if self._stage2_fused(qkv, heads):
+            return self._fused_stage2(qkv, heads)
         att = self._attention(qkv) if self.use_att else None  # (B, C_out, H', W')
         conv = self.forward_conv_path(heads)  # (B, C_out, H', W') or None
         return self.mix(att, conv)
 
-    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Attention path: fused projection ``(B, 3 C_out, H, W)`` -> ``(B, C_out, H', W')``."""
+    def _stage2_fused(self, qkv: torch.Tensor, heads: torch.Tensor) -> bool:
+        """Whether stage II runs as one CPU autograd node (both kernels and the mix)."""
+        return (
+            self.fuse_stage2
+            and self.paths == "both"
+            and self.attn_mlp is None
+            and self.shift_mode != "tensor"
+            and cpu_kernel_applies(self.backend, qkv)
+            and fused_conv_path_applies(heads)
+        )
+
+    def _fused_stage2(self, qkv: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Stage II through :class:`CppACmixStage2`: the same result as the composed paths."""
+        assert self.fc is not None and self.rate1 is not None and self.rate2 is not None
+        padding, pe = self._attention_inputs(qkv)
+        self.forward_conv_path(heads, macs_only=True)
+        dep = self._shift_weight()
+        assert dep is not None
+        dt = qkv.dtype
+        fc_b = None if self.fc.bias is None else self.fc.bias.to(dt).contiguous()
+        return CppACmixStage2.apply(
+            qkv.contiguous(),
+            pe.reshape(self.head_dim, *qkv.shape[-2:]).to(dt).contiguous(),
+            self.fc.weight.reshape(self.fc.weight.shape[0], -1).to(dt).contiguous(),
+            fc_b,
+            dep.to(dt).contiguous(),
+            self.rate1.to(dt),
+            self.rate2.to(dt),
+            self.head,
+            self.kernel_att,
+            padding == "zeros",
+            float(self.head_dim**-0.5),
+            self.stride,
+        )
+
+    def _attention_inputs(self, qkv: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """The resolved padding and the positional encoding ``(1, d, H, W)`` in qkv's dtype."""
         assert self.conv_p is not None
         H, W = qkv.shape[-2:]
         padding = resolve_padding(self.padding_mode, self.kernel_att, H, W)
-        # Positional encoding (1, d, H, W) in the activations' dtype and device.
         grid = position_grid(H, W, dtype=qkv.dtype, device=qkv.device)
         pe = F.conv2d(grid, self.conv_p.weight.to(qkv.dtype), self.conv_p.bias.to(qkv.dtype))
+        return padding, pe
+
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention path: fused projection ``(B, 3 C_out, H, W)`` -> ``(B, C_out, H', W')``."""
+        padding, pe = self._attention_inputs(qkv)
         mlp = None
         if self.attn_mlp is not None:
             fc1, _, fc2 = self.attn_mlp

@@ -293,12 +293,9 @@ def _cpp_attention(
     d = C3 // (3 * heads)
     pe_c = None if pe is None else pe.reshape(d, H, W).to(qkv.dtype).contiguous()
     s = d**-0.5 if scale is None else scale
-    out = CppLocalAttention.apply(
+    return CppLocalAttention.apply(
         qkv.contiguous(), pe_c, heads, kernel, padding == "zeros", float(s), stride
     )
-    # Stride s: the queries at every s-th pixel from 0. The kernel computes only every
-    # s-th row, at full width (its contiguous inner loops make that the faster way).
-    return out if stride == 1 else out[..., ::stride, ::stride]
 
 
 def local_attention_qkv(
@@ -327,7 +324,7 @@ def local_attention_qkv(
         raise ValueError(f"qkv has {C3} channels, not a multiple of 3 * heads = {3 * heads}")
     d = C3 // (3 * heads)
     kernel, stride = _check_window_args(kernel, stride, padding, backend, H, W)
-    if mlp is None and _use_cpp(backend, qkv):
+    if mlp is None and cpu_kernel_applies(backend, qkv):
         return _cpp_attention(qkv, heads, kernel, stride, padding, pe, scale)
     q, k, v = qkv.view(B, 3, heads, d, H, W).unbind(1)
     out = local_attention(q, k, v, kernel, stride, padding, pe, scale, mlp, backend)
@@ -350,7 +347,7 @@ def _check_window_args(
     return kernel, stride
 
 
-def _use_cpp(backend: str, q: torch.Tensor) -> bool:
+def cpu_kernel_applies(backend: str, q: torch.Tensor) -> bool:
     applies = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
     if backend == "cpp":
         if not applies:
@@ -411,7 +408,7 @@ def local_attention(
     if backend == "reference":
         return local_attention_reference(q, k, v, kernel, stride, padding, pe, scale, mlp)
 
-    if mlp is None and _use_cpp(backend, q):
+    if mlp is None and cpu_kernel_applies(backend, q):
         qkv = torch.cat((q, k, v), dim=1).reshape(B, 3 * N * d, H, W)
         out = _cpp_attention(qkv, N, kernel, stride, padding, pe, scale)
         return out.view(B, N, d, out.shape[-2], out.shape[-1])

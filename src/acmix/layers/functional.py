@@ -276,6 +276,7 @@ def conv_path(
     out_channels: int,
     stride: int = 1,
     shift_mode: str = "learnable",
+    use_kernel: bool = True,
 ) -> torch.Tensor:
     """The whole ACmix convolution path: fc, then shift-aggregation.
 
@@ -291,6 +292,8 @@ def conv_path(
         shift_mode: ``"learnable"`` / ``"fixed"`` (grouped conv with ``dep_weight``)
             or ``"tensor"`` (explicit shift-and-sum, equal to ``"fixed"`` with
             :func:`shift_kernel`).
+        use_kernel: run the grouped-conv modes through the fused CPU kernel
+            where :func:`fused_conv_path_applies` (False: always PyTorch ops).
 
     Returns:
         ``(B, C_out, ceil(H / s), ceil(W / s))``; output channel ``o`` comes from
@@ -311,7 +314,8 @@ def conv_path(
             f"grouped-conv weight {tuple(dep_weight.shape)} is not "
             f"{(out_channels, K2, kernel, kernel)} (C_out, k*k, k, k)"
         )
-    if shift_mode != "tensor" and dep_weight is not None and fused_conv_path_applies(qkv):
+    fused = use_kernel and shift_mode != "tensor" and dep_weight is not None
+    if fused and fused_conv_path_applies(qkv):
         return CppConvPath.apply(
             qkv.reshape(B, M * d, H, W),
             fc_weight.reshape(fc_weight.shape[0], -1).to(qkv.dtype).contiguous(),
