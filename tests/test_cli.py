@@ -40,9 +40,9 @@ def test_help_lists_every_command(capsys) -> None:
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for cmd in ("train", "eval", "predict", "list-models", "convert", "export"):
+    for cmd in ("train", "eval", "predict", "list-models", "convert", "export", "bench"):
         assert cmd in text
-    for cmd in ("train", "eval", "predict", "export"):
+    for cmd in ("train", "eval", "predict", "export", "bench"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "usage: acmix " + cmd in capsys.readouterr().out

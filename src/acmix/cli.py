@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
 
@@ -398,6 +399,78 @@ def export_cmd(args: argparse.Namespace) -> int:
     for shape, err in report.checks:
         print(f"  onnxruntime vs torch at {shape}: max |diff| = {err:.2e}")
     return 0
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--no-reference", action="store_true", help="skip the slow reference path")
+    p.add_argument(
+        "--models", action="store_true", help="also time acmix_resnet50 and ACmix Swin-T (minutes)"
+    )
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds per layer measurement")
+    p.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned (default): keep freed memory in the process, see "
+        "acmix.benchmark.tune_allocator; default: the C library's behaviour",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="write DIR/<machine>_{layer,models}.{md,json}"
+    )
+
+
+@command("bench", "ACmix vs nn.Conv2d (and the reference path) side by side, with targets")(
+    _configure_bench
+)
+def bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from acmix import benchmark as bm
+
+    if args.malloc == "tuned":
+        bm.tune_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    header = "environment: " + ", ".join(f"{k}={v}" for k, v in bm.environment().items())
+    print(header, flush=True)
+    layers = bm.bench_layers(
+        bm.LAYER_SHAPES,
+        batch=args.batch,
+        device=args.device,
+        include_reference=not args.no_reference,
+        min_time=args.min_time,
+    )
+    layer_table = bm.format_layer_table(layers)
+    print(layer_table, flush=True)
+    models = None
+    if args.models:
+        models = bm.bench_models(batch=args.batch, device=args.device)
+        print(bm.format_model_table(models))
+    targets = bm.format_targets(bm.check_targets(layers, models))
+    print(targets)
+    if args.out:
+        stem = args.out / bm.machine_name(args.device)
+        args.out.mkdir(parents=True, exist_ok=True)
+        _write_text(stem.with_name(stem.name + "_layer.md"), f"{header}\n\n{layer_table}\n")
+        _write_text(stem.with_name(stem.name + "_layer.json"), bm.results_json(layers))
+        if models is not None:
+            body = f"{header}\n\n{bm.format_model_table(models)}\n\n{targets}\n"
+            _write_text(stem.with_name(stem.name + "_models.md"), body)
+            data = [{"ours": vars(o), "baseline": vars(b)} for o, b in models]
+            _write_text(stem.with_name(stem.name + "_models.json"), json.dumps(data, indent=2))
+        print(f"wrote {stem}_*")
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    from acmix.engine.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:
