@@ -21,6 +21,7 @@ from acmix.benchmark import (
     environment,
     format_layer_table,
     results_json,
+    tune_allocator,
 )
 
 
@@ -32,7 +33,12 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
+    parser.add_argument(
+        "--malloc", choices=("tuned", "default"), default="tuned", help="as in `acmix bench`"
+    )
     args = parser.parse_args()
+    if args.malloc == "tuned":
+        tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()

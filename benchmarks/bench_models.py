@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from acmix.benchmark import bench_models, environment, format_model_table
+from acmix.benchmark import bench_models, environment, format_model_table, tune_allocator
 
 
 def main() -> None:
@@ -25,7 +25,12 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="substring of the model name")
     parser.add_argument("--min-time", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=None, help="write OUT.md")
+    parser.add_argument(
+        "--malloc", choices=("tuned", "default"), default="tuned", help="as in `acmix bench`"
+    )
     args = parser.parse_args()
+    if args.malloc == "tuned":
+        tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     env = "environment: " + ", ".join(f"{k}={v}" for k, v in environment().items())
