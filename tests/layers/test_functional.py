@@ -158,6 +158,30 @@ def test_fused_conv_path_float32_and_fallbacks() -> None:
         AF.conv_path(qkv, fc_w[:, :6], None, dep_w, 3, N * d)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_path_features_channels_last_view_equals_einsum(bias) -> None:
+    B, N, d, H, W, K2 = 2, 3, 4, 5, 6, 9
+    base = torch.randn(B, H, W, 3 * N, d, dtype=torch.float64, requires_grad=True)
+    qkv = base.permute(0, 3, 4, 1, 2)  # Swin's channels-last view of (B, 3N, d, H, W)
+    w = torch.randn(K2, 3 * N, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(K2, dtype=torch.float64, requires_grad=True) if bias else None
+    out = AF.conv_path_features(qkv, w, b)
+    expected = torch.einsum("bmdhw,km->bdkhw", qkv, w)
+    if bias:
+        expected = expected + b.view(1, 1, -1, 1, 1)
+    expected = expected.reshape(B, d * K2, H, W)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert max_abs(out, expected) < 1e-12
+    g = torch.randn_like(expected)
+    inputs = [base, w] + ([b] if bias else [])
+    for a, e in zip(
+        torch.autograd.grad((out * g).sum(), inputs),
+        torch.autograd.grad((expected * g).sum(), inputs),
+        strict=True,
+    ):
+        assert max_abs(a, e) < 1e-12
+
+
 def test_position_grid() -> None:
     g = AF.position_grid(3, 4, dtype=torch.float64)
     assert g.shape == (1, 2, 3, 4)

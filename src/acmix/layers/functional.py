@@ -239,16 +239,26 @@ def conv_path_features(
         fc_bias: ``(K2,)`` or ``None``.
 
     Returns:
-        ``(B, d * K2, H, W)``, channel ``j * K2 + p`` (the grouped-conv input layout).
+        ``(B, d * K2, H, W)``, channel ``j * K2 + p`` (the grouped-conv input layout);
+        channels-last in memory when ``qkv`` is a channels-last view.
     """
     w = fc_weight.reshape(fc_weight.shape[0], -1)
     B, M, d, H, W = qkv.shape
     if w.shape[1] != M:
         raise ValueError(f"fc expects {w.shape[1]} head groups (3N), got {M}")
-    out = torch.einsum("bmdhw,km->bdkhw", qkv, w.to(qkv.dtype))
+    w = w.to(qkv.dtype)
+    K2 = w.shape[0]
+    if qkv.permute(0, 3, 4, 1, 2).is_contiguous():
+        # Channels-last features (Swin's (B, H, W, 3N, d) view): one GEMM over rows
+        # (pixel, j) writes the grouped conv's channels-last input directly.
+        rows = qkv.permute(0, 3, 4, 2, 1).reshape(B * H * W * d, M)
+        bias = None if fc_bias is None else fc_bias.to(qkv.dtype)
+        out = rows @ w.t() if bias is None else torch.addmm(bias, rows, w.t())
+        return out.view(B, H, W, d * K2).permute(0, 3, 1, 2)
+    out = torch.einsum("bmdhw,km->bdkhw", qkv, w)
     if fc_bias is not None:
         out = out + fc_bias.to(qkv.dtype).view(1, 1, -1, 1, 1)
-    return out.reshape(B, d * w.shape[0], H, W)
+    return out.reshape(B, d * K2, H, W)
 
 
 def fused_conv_path_applies(qkv: torch.Tensor) -> bool:
