@@ -18,7 +18,7 @@ import torch
 from acmix.benchmark import (
     LAYER_SHAPES,
     bench_layers,
-    environment,
+    environment_line,
     format_layer_table,
     results_json,
     tune_allocator,
@@ -41,8 +41,8 @@ def main() -> None:
         tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment()
-    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    header = environment_line()
+    print(header)
     results = bench_layers(
         LAYER_SHAPES,
         batch=args.batch,
@@ -54,7 +54,6 @@ def main() -> None:
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        header = "environment: " + ", ".join(f"{k}={v}" for k, v in env.items())
         args.out.with_suffix(".md").write_text(f"{header}\n\n{table}\n")
         args.out.with_suffix(".json").write_text(results_json(results))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from acmix.benchmark import bench_models, environment, format_model_table, tune_allocator
+from acmix.benchmark import bench_models, environment_line, format_model_table, tune_allocator
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
         tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = "environment: " + ", ".join(f"{k}={v}" for k, v in environment().items())
+    env = environment_line()
     print(env)
     pairs = bench_models(
         batch=args.batch,

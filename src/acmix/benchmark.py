@@ -30,6 +30,7 @@ __all__ = [
     "bench_layers",
     "check_targets",
     "environment",
+    "environment_line",
     "format_layer_table",
     "time_fn",
     "tune_allocator",
@@ -104,6 +105,11 @@ def environment() -> dict[str, object]:
     }
     env.update({k: os.environ[k] for k in _ENV_KEYS if k in os.environ})
     return env
+
+
+def environment_line() -> str:
+    """:func:`environment` as the one-line header printed above every table."""
+    return "environment: " + ", ".join(f"{k}={v}" for k, v in environment().items())
 
 
 def _sync(device: torch.device) -> None:

@@ -436,7 +436,7 @@ def bench(args: argparse.Namespace) -> int:
         bm.tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
-    header = "environment: " + ", ".join(f"{k}={v}" for k, v in bm.environment().items())
+    header = bm.environment_line()
     print(header, flush=True)
     layers = bm.bench_layers(
         bm.LAYER_SHAPES,

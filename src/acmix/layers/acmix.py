@@ -35,6 +35,7 @@ from acmix.layers.checks import (
 from acmix.layers.functional import (
     SHIFT_MODES,
     acmix_mix,
+    conv_kernel_weights,
     conv_path,
     fused_conv_path_applies,
     out_size,
@@ -138,32 +139,20 @@ class ACmixBase(nn.Module):
             return self.dep_conv.weight
         return getattr(self, "shift_weight", None)
 
-    def forward_conv_path(self, qkv: torch.Tensor, macs_only: bool = False) -> torch.Tensor | None:
+    def forward_conv_path(self, qkv: torch.Tensor) -> torch.Tensor | None:
         """Convolution path on head features.
 
         Args:
             qkv: ``(B, 3N, d, H, W)`` (group ``which * N + head``; any strides).
-            macs_only: only record the fused kernel's multiply-adds for
-                :meth:`uncounted_macs` (the caller runs the path itself).
 
         Returns:
             ``(B, out_planes, ceil(H / stride), ceil(W / stride))``, or
-            ``None`` when the layer has no convolution path (or ``macs_only``).
+            ``None`` when the layer has no convolution path.
         """
         if self.fc is None:
             return None
-        # Work the fused CPU kernel does out of the MAC counter's sight (the same
-        # fc + grouped-conv multiply-adds the PyTorch path shows it); see uncounted_macs.
         use_kernel = getattr(self, "backend", "auto") in ("auto", "cpp")
-        if use_kernel and self.shift_mode != "tensor" and fused_conv_path_applies(qkv):
-            B, M, d, H, W = qkv.shape
-            Ho, Wo = out_size(H, self.stride), out_size(W, self.stride)
-            K2 = self.kernel_conv**2
-            self._fused_conv_macs = B * d * K2 * M * H * W + B * self.out_planes * K2 * K2 * Ho * Wo
-        elif self._fused_conv_macs:
-            self._fused_conv_macs = 0
-        if macs_only:
-            return None
+        self._record_fused_conv_macs(qkv, use_kernel)
         return conv_path(
             qkv,
             self.fc.weight,
@@ -175,6 +164,20 @@ class ACmixBase(nn.Module):
             self.shift_mode,
             use_kernel,
         )
+
+    def _record_fused_conv_macs(self, qkv: torch.Tensor, use_kernel: bool = True) -> None:
+        """Record the multiply-adds the fused CPU conv path does out of the counter's sight.
+
+        The same fc + grouped-conv multiply-adds the PyTorch path shows the
+        counter; :meth:`uncounted_macs` reports them (0 where the kernel does not run).
+        """
+        if use_kernel and self.shift_mode != "tensor" and fused_conv_path_applies(qkv):
+            B, M, d, H, W = qkv.shape
+            Ho, Wo = out_size(H, self.stride), out_size(W, self.stride)
+            K2 = self.kernel_conv**2
+            self._fused_conv_macs = B * d * K2 * M * H * W + B * self.out_planes * K2 * K2 * Ho * Wo
+        elif self._fused_conv_macs:
+            self._fused_conv_macs = 0
 
     def mix(self, att: torch.Tensor | None, conv: torch.Tensor | None) -> torch.Tensor:
         """``rate1 * att + rate2 * conv``; a single-path layer returns its one path."""
@@ -375,17 +378,14 @@ class ACmix(ACmixBase):
         """Stage II through :class:`CppACmixStage2`: the same result as the composed paths."""
         assert self.fc is not None and self.rate1 is not None and self.rate2 is not None
         padding, pe = self._attention_inputs(qkv)
-        self.forward_conv_path(heads, macs_only=True)
+        self._record_fused_conv_macs(heads)
         dep = self._shift_weight()
         assert dep is not None
         dt = qkv.dtype
-        fc_b = None if self.fc.bias is None else self.fc.bias.to(dt).contiguous()
         return CppACmixStage2.apply(
             qkv.contiguous(),
             pe.reshape(self.head_dim, *qkv.shape[-2:]).to(dt).contiguous(),
-            self.fc.weight.reshape(self.fc.weight.shape[0], -1).to(dt).contiguous(),
-            fc_b,
-            dep.to(dt).contiguous(),
+            *conv_kernel_weights(self.fc.weight, self.fc.bias, dep, dt),
             self.rate1.to(dt),
             self.rate2.to(dt),
             self.head,

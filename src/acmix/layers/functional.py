@@ -277,6 +277,22 @@ def fused_conv_path_applies(qkv: torch.Tensor) -> bool:
     return conv_path_kernel() is not None
 
 
+def conv_kernel_weights(
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None,
+    dep_weight: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The conv path's weights as the fused kernel takes them: contiguous, in ``dtype``.
+
+    Returns:
+        ``fc (K2, 3N)``, fc bias ``(K2,)`` or ``None``, grouped-conv weight ``(C_out, K2, k, k)``.
+    """
+    fc = fc_weight.reshape(fc_weight.shape[0], -1).to(dtype).contiguous()
+    bias = None if fc_bias is None else fc_bias.to(dtype).contiguous()
+    return fc, bias, dep_weight.to(dtype).contiguous()
+
+
 def conv_path(
     qkv: torch.Tensor,
     fc_weight: torch.Tensor,
@@ -326,13 +342,8 @@ def conv_path(
         )
     fused = use_kernel and shift_mode != "tensor" and dep_weight is not None
     if fused and fused_conv_path_applies(qkv):
-        return CppConvPath.apply(
-            qkv.reshape(B, M * d, H, W),
-            fc_weight.reshape(fc_weight.shape[0], -1).to(qkv.dtype).contiguous(),
-            None if fc_bias is None else fc_bias.to(qkv.dtype).contiguous(),
-            dep_weight.to(qkv.dtype).contiguous(),
-            stride,
-        )
+        weights = conv_kernel_weights(fc_weight, fc_bias, dep_weight, qkv.dtype)
+        return CppConvPath.apply(qkv.reshape(B, M * d, H, W), *weights, stride)
     feats = conv_path_features(qkv, fc_weight, fc_bias)
     if shift_mode == "tensor":
         return shift_sum(feats.view(B, d, K2, H, W), kernel, stride, out_channels // d)
