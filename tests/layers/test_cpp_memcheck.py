@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
         pe = torch.randn(d, H, W, dtype=dt)
         for step in (1, 2, 3):
             out, lse = ext.forward(qkv, pe, N, k, zeros, 0.3, step)
-            g, _ = ext.backward(torch.randn_like(out), qkv, pe, lse, N, k, zeros, 0.3, step, 0.7)
+            g, _, _ = ext.backward(torch.randn_like(out), qkv, pe, lse, N, k, zeros, 0.3, step, 0.7)
             assert torch.isfinite(out).all() and torch.isfinite(g).all()
     # conv path: (B, N, d, H, W, k, stride, outputs per group, bias)
     conv_shapes = [(2, 4, 5, 9, 11, 3, 1, 4, False), (1, 2, 3, 8, 7, 3, 2, 4, True),

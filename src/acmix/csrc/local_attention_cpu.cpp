@@ -374,7 +374,8 @@ void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T
 
 template <typename T>
 double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T* lse,
-                           const Geometry& g, T scale, T go_scale, T* grad_qkv) {
+                           const Geometry& g, T scale, T go_scale, T* grad_qkv,
+                           T* grad_pe) {
   const int64_t HW = g.H * g.W, C = g.N * g.d;
   // Per-thread sums of D = sum_p A * dA = grad_out . out over all queries (the
   // gradient of a scale on the output, e.g. ACmix's alpha, for free).
@@ -468,25 +469,51 @@ double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T
         for (int64_t p = 0; p < K2; ++p) ptr[p] = S.qp() + base - S.off[p];
         wsum<T, true>(wptr2.data(), ptr.data(), S.sq, K2, g.d, nz, gk.data() + base, S.sk);
       }
-      // Fold the padded gradients back onto the image (reflection adds the mirrored
-      // border onto the interior; masked zero padding drops it), q's unpadded.
+      // Fold the padded gradients back onto the image: the interior is assigned
+      // (every element of grad_qkv belongs to exactly one plane), then reflection
+      // adds the mirrored border onto it (masked zero padding drops the border).
       const int64_t b = bn / g.N, nh = bn % g.N;
       T* GQ = grad_qkv + (b * 3 * C + nh * g.d) * HW;
       T* GK = GQ + C * HW;
       T* GV = GQ + 2 * C * HW;
+      const T qs = scale * go_scale;
       for (int64_t c = 0; c < g.d; ++c) {
-        for (int64_t i = 0; i < g.H; ++i)
-          for (int64_t j = 0; j < g.W; ++j)
-            GQ[c * HW + i * g.W + j] = gq[c * S.sq + i * Wp + j] * (scale * go_scale);
-        for (int64_t yp = 0; yp < S.Hp; ++yp) {
-          const int64_t y = source(yp - g.r, g.H, g.zeros);
-          if (y < 0) continue;
-          for (int64_t xp = 0; xp < Wp; ++xp) {
-            const int64_t x = source(xp - g.r, g.W, g.zeros);
-            if (x < 0) continue;
-            GK[c * HW + y * g.W + x] += gk[c * S.sk + yp * Wp + xp] * go_scale;
-            GV[c * HW + y * g.W + x] += gv[c * S.sk + yp * Wp + xp] * go_scale;
+        T* __restrict__ gqc = GQ + c * HW;
+        T* __restrict__ gkc = GK + c * HW;
+        T* __restrict__ gvc = GV + c * HW;
+        const T* gqs = gq.data() + c * S.sq;
+        const T* gks = gk.data() + c * S.sk;
+        const T* gvs = gv.data() + c * S.sk;
+        for (int64_t i = 0; i < g.H; ++i) {
+          const T* __restrict__ qr = gqs + i * Wp;
+          const T* __restrict__ kr = gks + (i + g.r) * Wp + g.r;
+          const T* __restrict__ vr = gvs + (i + g.r) * Wp + g.r;
+          T* __restrict__ qo = gqc + i * g.W;
+          T* __restrict__ ko = gkc + i * g.W;
+          T* __restrict__ vo = gvc + i * g.W;
+#pragma omp simd
+          for (int64_t j = 0; j < g.W; ++j) {
+            qo[j] = qr[j] * qs;
+            ko[j] = kr[j] * go_scale;
+            vo[j] = vr[j] * go_scale;
           }
+        }
+        if (!g.zeros) {
+          for (int64_t yp = 0; yp < S.Hp; ++yp) {
+            const int64_t y = source(yp - g.r, g.H, g.zeros);
+            const bool inner_row = yp >= g.r && yp < g.r + g.H;
+            for (int64_t xp = 0; xp < Wp; ++xp) {
+              if (inner_row && xp >= g.r && xp < g.r + g.W) continue;
+              const int64_t x = source(xp - g.r, g.W, g.zeros);
+              gkc[y * g.W + x] += gks[yp * Wp + xp] * go_scale;
+              gvc[y * g.W + x] += gvs[yp * Wp + xp] * go_scale;
+            }
+          }
+        }
+        if (grad_pe) {  // keys enter as k - pe: pe's gradient is minus the keys', summed
+          T* __restrict__ gp = grad_pe + (at::get_thread_num() * g.d + c) * HW;
+#pragma omp simd
+          for (int64_t x = 0; x < HW; ++x) gp[x] -= gkc[x];
         }
       }
     }
@@ -544,8 +571,9 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::T
 }
 
 // Returns (the gradient of qkv for the output gradient go_scale * grad_out
-// (B, C, Ho, Wo), the scalar sum(grad_out * out)); the latter is the gradient of
-// a scale applied to the output, computed on the way (see backward_plane_loop).
+// (B, C, Ho, Wo), the scalar sum(grad_out * out), pe's gradient (d, H, W) or
+// None without pe); the scalar is the gradient of a scale applied to the
+// output, computed on the way (see backward_plane_loop).
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& qkv,
                                  const c10::optional<at::Tensor>& pe, const at::Tensor& lse,
                                  int64_t heads, int64_t kernel, bool zeros, double scale,
@@ -555,16 +583,23 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   TORCH_CHECK(go.sizes() == at::IntArrayRef({g.B, g.N * g.d, g.Ho, g.Wo}) &&
                   go.scalar_type() == qkv.scalar_type(),
               "local_attention_cpu: grad_out must be (B, C, ceil(H/s), ceil(W/s)) of qkv's dtype");
-  at::Tensor grad_qkv = at::zeros_like(qkv);
+  at::Tensor grad_qkv = at::empty_like(qkv);
+  // Per-thread partial sums of pe's gradient, reduced after the loop.
+  at::Tensor grad_pe_parts =
+      pe.has_value() ? at::zeros({at::get_num_threads(), g.d, g.H, g.W}, qkv.options())
+                     : at::Tensor();
   double dot = 0.0;
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "local_attention_cpu_backward", [&] {
     dot = backward_plane_loop<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
                                         pe.has_value() ? pe->data_ptr<scalar_t>() : nullptr,
                                         lse.data_ptr<scalar_t>(), g, static_cast<scalar_t>(scale),
                                         static_cast<scalar_t>(go_scale),
-                                        grad_qkv.data_ptr<scalar_t>());
+                                        grad_qkv.data_ptr<scalar_t>(),
+                                        pe.has_value() ? grad_pe_parts.data_ptr<scalar_t>()
+                                                       : nullptr);
   });
-  return {grad_qkv, at::scalar_tensor(dot, qkv.options())};
+  at::Tensor grad_pe = pe.has_value() ? grad_pe_parts.sum(0) : at::Tensor();
+  return {grad_qkv, at::scalar_tensor(dot, qkv.options()), grad_pe};
 }
 
 }  // namespace

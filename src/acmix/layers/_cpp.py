@@ -91,14 +91,6 @@ def conv_path_kernel() -> ModuleType | None:
     return _load("conv_path_cpu", "conv_path_cpu.cpp")
 
 
-def _grad_pe(grad_qkv: torch.Tensor, heads: int, pe: torch.Tensor) -> torch.Tensor:
-    """Keys enter the attention as ``k - pe``: pe's gradient is minus the keys', summed."""
-    B, C3, H, W = grad_qkv.shape
-    C = C3 // 3
-    grad_k = grad_qkv[:, C : 2 * C].reshape(B, heads, C // heads, H, W)
-    return -grad_k.sum(dim=(0, 1)).reshape(pe.shape)
-
-
 class CppLocalAttention(torch.autograd.Function):
     """Fused CPU local attention over a fused projection ``qkv (B, 3C, H, W)``.
 
@@ -121,10 +113,11 @@ class CppLocalAttention(torch.autograd.Function):
         heads, kernel, zeros, scale, stride = ctx.args
         ext = cpu_kernel()
         assert ext is not None
-        grad_qkv, _ = ext.backward(grad_out, qkv, pe, lse, heads, kernel, zeros, scale, stride, 1.0)
-        grad_pe = None
-        if pe is not None and ctx.needs_input_grad[1]:
-            grad_pe = _grad_pe(grad_qkv, heads, pe)
+        grad_qkv, _, grad_pe = ext.backward(
+            grad_out, qkv, pe, lse, heads, kernel, zeros, scale, stride, 1.0
+        )
+        if grad_pe is not None:
+            grad_pe = grad_pe.reshape(pe.shape)
         return grad_qkv, grad_pe, None, None, None, None, None
 
 
@@ -203,12 +196,12 @@ class CppACmixStage2(torch.autograd.Function):
         assert att_ext is not None and conv_ext is not None
         go = grad_out.contiguous()
         alpha, beta = float(rate1), float(rate2)
-        grad_qkv, go_dot_att = att_ext.backward(
+        # (pe's gradient is the attention's alone: taken before the conv path adds in)
+        grad_qkv, go_dot_att, grad_pe = att_ext.backward(
             go, qkv, pe, lse, heads, kernel, zeros, scale, stride, alpha
         )
-        grad_pe = None
-        if pe is not None and ctx.needs_input_grad[1]:
-            grad_pe = _grad_pe(grad_qkv, heads, pe)  # before the conv path adds its part
+        if grad_pe is not None:
+            grad_pe = grad_pe.reshape(pe.shape)
         _, g_fc, g_bias, g_dep = conv_ext.backward(
             go, qkv, fc_weight, fc_bias, dep_weight, stride, beta, grad_qkv
         )
