@@ -1,66 +1,56 @@
-"""Peak tensor memory of a region, on any device (CPU included).
+"""Peak memory of a region, on CPU, counted at PyTorch's allocator.
 
-CPU PyTorch keeps no allocator statistics, so :class:`TensorMemoryTracker`
-counts storages itself: a dispatch mode sees every op's outputs, adds the
-bytes of each new storage, and a ``weakref.finalize`` subtracts them when the
-storage dies. The peak is the largest total of live storages created inside
-the region ("peak extra memory": inputs and parameters that existed before
-are not counted). Views and in-place results share storages and count once.
+CPU PyTorch keeps no allocator statistics, but its profiler records every
+allocation and free made through the CPU allocator (``profile_memory=True``).
+:func:`peak_memory` replays those records in time order and returns the
+largest rise above the level at the start: "peak extra memory", the same
+quantity ``torch.cuda.max_memory_allocated`` gives on a GPU.
+
+Counting at the allocator (rather than the tensors an op returns) matters:
+oneDNN reorders its inputs and outputs into temporary buffers inside a single
+op, and fused extension kernels create their outputs outside the dispatcher;
+a count of the storages ops return sees neither. Memory that does not come
+from PyTorch's allocator (e.g. a kernel's own thread-local scratch, reused
+across calls) is not counted.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["TensorMemoryTracker", "peak_memory"]
-
-
-class TensorMemoryTracker(TorchDispatchMode):
-    """Track live bytes of storages created while the mode is active.
-
-    Attributes:
-        current: bytes of storages created in the region and still alive.
-        peak: the maximum of ``current``.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._seen: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
-        flat, _ = tree_flatten(out)
-        for t in flat:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key == 0 or key in self._seen:
-                continue
-            nbytes = storage.nbytes()
-            self._seen.add(key)
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._release, key, nbytes)
-        return out
+__all__ = ["peak_memory"]
 
 
 def peak_memory(fn: Callable[[], Any]) -> int:
-    """Peak bytes of tensors allocated by ``fn()`` (results freed before returning count too)."""
-    tracker = TensorMemoryTracker()
-    with tracker:
+    """Peak bytes allocated on the CPU by ``fn()`` above the level at its start.
+
+    ``fn``'s result is freed inside the measured region, so what it returns
+    counts only while it is alive. Call ``fn`` once beforehand where it has
+    lazy one-time work (e.g. building a kernel) that should not be counted.
+
+    Args:
+        fn: the region to measure; called once.
+
+    Returns:
+        The peak in bytes.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    del result
-    return tracker.peak
+        del result
+    kineto = getattr(prof.profiler, "kineto_results", None)
+    if kineto is None:  # pragma: no cover - every PyTorch build since 1.9 has it
+        raise RuntimeError("peak_memory needs PyTorch's Kineto profiler results")
+    records = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in kineto.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    level = peak = 0
+    for _, nbytes in records:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
