@@ -48,6 +48,7 @@ SCRIPT = textwrap.dedent(
         fb = torch.randn(k * k, dtype=dt) if bias else None
         dw = torch.randn(per * d, k * k, k, k, dtype=dt)
         out = conv.forward(qkv, fw, fb, dw, s)
+        conv.forward(qkv, fw, fb, dw, s, out.clone(), 0.5, 2.0)  # mixed in place
         grads = conv.backward(torch.randn_like(out), qkv, fw, fb, dw, s, 0.7, None)
         conv.backward(torch.randn_like(out), qkv, fw, fb, dw, s, 1.0, grads[0])  # accumulate
         assert torch.isfinite(out).all()

@@ -16,6 +16,7 @@ across calls) is not counted.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -38,9 +39,16 @@ def peak_memory(fn: Callable[[], Any]) -> int:
     Returns:
         The peak in bytes.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
+    # Kineto prints start/stop lines to stderr on every session unless told not to.
+    saved = os.environ.get("KINETO_LOG_LEVEL")
+    os.environ["KINETO_LOG_LEVEL"] = saved if saved is not None else "6"
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+            del result
+    finally:
+        if saved is None:
+            del os.environ["KINETO_LOG_LEVEL"]
     kineto = getattr(prof.profiler, "kineto_results", None)
     if kineto is None:  # pragma: no cover - every PyTorch build since 1.9 has it
         raise RuntimeError("peak_memory needs PyTorch's Kineto profiler results")

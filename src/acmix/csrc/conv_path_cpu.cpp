@@ -242,7 +242,8 @@ struct Scratch {
 };
 
 template <typename T>
-void forward_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, const Geom& g, T* out) {
+void forward_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, const Geom& g, T* out,
+                  bool mix, T alpha, T beta) {
   const int64_t so = round_up(g.nout() + 32, 32), HWo = g.Ho * g.Wo;
   const FcTiles<T> F(fc, bias, g);
   at::parallel_for(0, g.B * g.d, 1, [&](int64_t begin, int64_t end) {
@@ -253,8 +254,16 @@ void forward_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, const G
       conv_group(S.P.data(), Wt, g, j, S.O.data(), so);
       for (int64_t c = 0; c < g.Cpg; ++c) {
         T* o = out + (b * g.Cout + j * g.Cpg + c) * HWo;
-        for (int64_t yo = 0; yo < g.Ho; ++yo)
-          std::memcpy(o + yo * g.Wo, S.O.data() + c * so + yo * g.Wq, g.Wo * sizeof(T));
+        for (int64_t yo = 0; yo < g.Ho; ++yo) {
+          const T* __restrict__ src = S.O.data() + c * so + yo * g.Wq;
+          T* __restrict__ dst = o + yo * g.Wo;
+          if (mix) {
+#pragma omp simd
+            for (int64_t x = 0; x < g.Wo; ++x) dst[x] = alpha * dst[x] + beta * src[x];
+          } else {
+            std::memcpy(dst, src, g.Wo * sizeof(T));
+          }
+        }
       }
     }
   });
@@ -498,15 +507,29 @@ Geom check_args(const at::Tensor& qkv, const at::Tensor& fc_w, const c10::option
   return Geom(qkv, K2, k, stride, dep_w.size(0), M);
 }
 
+// The conv path's output, or with mix_into given, mix_into = alpha * mix_into +
+// beta * conv path, in place (ACmix's mix without a separate pass or tensor).
 at::Tensor conv_path_forward(const at::Tensor& qkv, const at::Tensor& fc_w,
                              const c10::optional<at::Tensor>& fc_b, const at::Tensor& dep_w,
-                             int64_t stride) {
+                             int64_t stride, const c10::optional<at::Tensor>& mix_into,
+                             double alpha, double beta) {
   const Geom g = check_args(qkv, fc_w, fc_b, dep_w, stride);
-  at::Tensor out = at::empty({g.B, g.Cout, g.Ho, g.Wo}, qkv.options());
+  at::Tensor out;
+  if (mix_into.has_value()) {
+    out = *mix_into;
+    TORCH_CHECK(out.is_contiguous() && out.sizes() == at::IntArrayRef({g.B, g.Cout, g.Ho, g.Wo}) &&
+                    out.scalar_type() == qkv.scalar_type(),
+                "conv_path_cpu: mix_into must be a contiguous (B, C_out, ceil(H/s), ceil(W/s)) "
+                "tensor of qkv's dtype");
+  } else {
+    out = at::empty({g.B, g.Cout, g.Ho, g.Wo}, qkv.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "conv_path_cpu_forward", [&] {
     forward_impl<scalar_t>(qkv.data_ptr<scalar_t>(), fc_w.data_ptr<scalar_t>(),
                            fc_b.has_value() ? fc_b->data_ptr<scalar_t>() : nullptr,
-                           dep_w.data_ptr<scalar_t>(), g, out.data_ptr<scalar_t>());
+                           dep_w.data_ptr<scalar_t>(), g, out.data_ptr<scalar_t>(),
+                           mix_into.has_value(), static_cast<scalar_t>(alpha),
+                           static_cast<scalar_t>(beta));
   });
   return out;
 }
@@ -551,6 +574,8 @@ std::vector<at::Tensor> conv_path_backward(const at::Tensor& grad_out, const at:
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &conv_path_forward, "fused ACmix convolution path forward (CPU)");
+  m.def("forward", &conv_path_forward, "fused ACmix convolution path forward (CPU)",
+        py::arg("qkv"), py::arg("fc_w"), py::arg("fc_b"), py::arg("dep_w"), py::arg("stride"),
+        py::arg("mix_into") = py::none(), py::arg("alpha") = 1.0, py::arg("beta") = 1.0);
   m.def("backward", &conv_path_backward, "fused ACmix convolution path backward (CPU)");
 }

@@ -182,8 +182,10 @@ class CppACmixStage2(torch.autograd.Function):
         att_ext, conv_ext = cpu_kernel(), conv_path_kernel()
         assert att_ext is not None and conv_ext is not None
         att, lse = att_ext.forward(qkv, pe, heads, kernel, zeros, scale, stride)
-        out = conv_ext.forward(qkv, fc_weight, fc_bias, dep_weight, stride)
-        out.mul_(rate2).add_(att, alpha=float(rate1))
+        # out = rate1 * att + rate2 * conv path, written into att by the conv kernel
+        out = conv_ext.forward(
+            qkv, fc_weight, fc_bias, dep_weight, stride, att, float(rate1), float(rate2)
+        )
         ctx.save_for_backward(qkv, pe, lse, fc_weight, fc_bias, dep_weight, rate1, rate2)
         ctx.args = (heads, kernel, zeros, scale, stride)
         return out
