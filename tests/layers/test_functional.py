@@ -146,16 +146,63 @@ def test_fused_conv_path_float32_and_fallbacks() -> None:
     ref = _conv_path_pytorch(qkv.double(), fc_w.double(), None, dep_w.double(), 3, N * d, 1)
     out = AF.conv_path(qkv, fc_w, None, dep_w, 3, N * d)
     assert out.dtype == torch.float32
-    assert max_abs(out.double(), ref) < 1e-5 * ref.abs().max().item()
-    # non-contiguous features (e.g. Swin's channels-last view) and bf16 take the PyTorch path
+    scale = ref.abs().max().item()
+    assert max_abs(out.double(), ref) < 1e-5 * scale
+    # channels-last features (Swin's view): the inference kernel at stride 1 without
+    # gradients; otherwise (and for other layouts and bf16) the PyTorch path
     view = qkv.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
-    assert not AF.fused_conv_path_applies(view)
-    assert max_abs(AF.conv_path(view, fc_w, None, dep_w, 3, N * d).double(), ref) < 1e-3
+    assert AF.fused_conv_path_applies(view)
+    assert max_abs(AF.conv_path(view, fc_w, None, dep_w, 3, N * d).double(), ref) < 1e-5 * scale
+    assert not AF.fused_conv_path_applies(view, stride=2)
+    assert not AF.fused_conv_path_applies(view, 1, (fc_w.requires_grad_(),))
+    with torch.no_grad():
+        assert AF.fused_conv_path_applies(view, 1, (fc_w,))
+    fc_w.requires_grad_(False)
+    assert not AF.fused_conv_path_applies(qkv.transpose(3, 4))
     assert not AF.fused_conv_path_applies(qkv.bfloat16())
     with pytest.raises(ValueError, match=r"grouped-conv weight \(64, 9, 3, 3\) is not"):
         AF.conv_path(qkv, fc_w, None, dep_w.repeat(2, 1, 1, 1), 3, N * d)
     with pytest.raises(ValueError, match="does not map 12 head groups"):
         AF.conv_path(qkv, fc_w[:, :6], None, dep_w, 3, N * d)
+
+
+# (B, N, d, H, W, k, outputs per group, fc bias): d a lane multiple or not, k = 1 / 3 / 5 / 7
+CL_CASES = [
+    (2, 3, 32, 14, 14, 3, 3, True),  # Swin-T's d = 32
+    (1, 2, 5, 7, 9, 3, 2, False),
+    (1, 4, 16, 5, 6, 5, 4, True),
+    (2, 1, 3, 4, 4, 1, 1, True),
+    (1, 2, 17, 6, 11, 3, 5, True),  # 5 outputs per group: a tile of 4 and one of 1
+    (1, 2, 4, 3, 3, 7, 2, False),  # the window is larger than the map
+    (1, 1, 8, 30, 3, 3, 7, False),  # several row blocks, a map narrower than a tile
+]
+
+
+@pytest.mark.parametrize("case", CL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last_inference_kernel_matches_pytorch(case, dtype) -> None:
+    B, N, d, H, W, k, per_group, bias = case
+    c_out = per_group * d
+    base = torch.randn(B, H, W, 3 * N, d, dtype=dtype)
+    qkv = base.permute(0, 3, 4, 1, 2)  # Swin's channels-last view of (B, 3N, d, H, W)
+    fc_w = torch.randn(k * k, 3 * N, dtype=dtype)
+    fc_b = torch.randn(k * k, dtype=dtype) if bias else None
+    dep_w = torch.randn(c_out, k * k, k, k, dtype=dtype)
+    assert AF.fused_conv_path_applies(qkv, 1, (fc_w, fc_b, dep_w))
+    ref = _conv_path_pytorch(
+        qkv.double(),
+        fc_w.double(),
+        None if fc_b is None else fc_b.double(),
+        dep_w.double(),
+        k,
+        c_out,
+        1,
+    )
+    out = AF.conv_path(qkv, fc_w, fc_b, dep_w, k, c_out, 1, "learnable")
+    assert out.shape == ref.shape == (B, c_out, H, W)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert max_abs(out.double(), ref) < tol * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("bias", [False, True])

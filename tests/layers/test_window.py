@@ -12,6 +12,7 @@ from acmix.layers import (
     window_partition,
     window_reverse,
 )
+from acmix.layers.functional import fused_conv_path_applies
 from tests.conftest import load_fixture, max_abs, rel_err
 
 CASES = ["05a_swin_window_attention", "05b_swin_window_attention_mask"]
@@ -48,6 +49,23 @@ def test_fixture_parity_float32(fixtures_dir, name) -> None:
     assert rel_err(gx, fx["grad_input"]) <= 1e-4
     for key, g in fx["param_grads"].items():
         assert rel_err(grads[key], g) <= 1e-4, key
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fixture_parity_inference(fixtures_dir, name, dtype) -> None:
+    """Without gradients the conv path runs the channels-last inference kernel."""
+    fx = load_fixture(fixtures_dir, name)
+    m = WindowACmix(**fx["config"]).to(dtype).eval()
+    m.load_state_dict(fx["state_dict"])
+    x = fx["input"].to(dtype)
+    mask = fx["mask"].to(dtype) if fx["mask"] is not None else None
+    heads = m.qkv(x).view(*x.shape[:3], 3 * m.num_heads, -1).permute(0, 3, 4, 1, 2)
+    with torch.no_grad():
+        assert fused_conv_path_applies(heads, 1, (m.fc.weight, m.fc.bias, m.dep_conv.weight))
+        y = m(x, mask)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert rel_err(y, fx["output"]) <= tol
 
 
 def test_fixture_mask_equals_ours(fixtures_dir) -> None:

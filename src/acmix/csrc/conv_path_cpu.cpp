@@ -571,6 +571,214 @@ std::vector<at::Tensor> conv_path_backward(const at::Tensor& grad_out, const at:
   return {gqkv, gfc, gb, gW};
 }
 
+// ---------------------------------------------------------------------------
+// Channels-last forward (inference, stride 1): qkv (B, H, W, M * d) ->
+// out (B, H, W, C_out), the layout of Swin's features. Vectorised over the
+// within-head channel j, which is contiguous in both f and the input pixel:
+//   F[row][col][p][j]   f of a block of output rows plus r rows above and
+//                       below, columns zero-padded (r left, r + tile right),
+//                       j padded to dp (a multiple of the vector length);
+//   out pixel (y, x), channel j * Cpg + c = sum_p sum_t Wt[c][p][t][j] * F[..]
+// with Wt the grouped-conv weight regrouped so that j is innermost.
+// ---------------------------------------------------------------------------
+
+struct ClGeom {
+  int64_t B, H, W, M, d, dp, K2, k, r, Cout, Cpg;
+  int64_t R;   // output rows per task
+  int64_t Wf;  // F columns: W + 2r + tile overrun
+  int64_t pix; // F elements per pixel: K2 * dp
+};
+
+constexpr int kClX = 4;   // output pixels per register tile
+constexpr int kClCC = 4;  // output channels (of one group) per register tile
+
+// f of one image pixel into dst[p * dp + j]: bias + fc . input, K2 maps.
+template <typename T, int K2T>
+void cl_fc_pixel(const T* __restrict__ in, const T* __restrict__ fc, const T* __restrict__ bias,
+                 const ClGeom& g, T* __restrict__ dst) {
+  constexpr int V = kLanes<T>;
+  const int64_t K2 = K2T > 0 ? K2T : g.K2;
+  for (int64_t j0 = 0; j0 < g.dp; j0 += V) {
+    if constexpr (K2T > 0) {
+      T acc[K2T][V];
+      for (int p = 0; p < K2T; ++p) {
+        const T b = bias ? bias[p] : T(0);
+#pragma omp simd
+        for (int v = 0; v < V; ++v) acc[p][v] = b;
+      }
+      for (int64_t m = 0; m < g.M; ++m) {
+        const T* __restrict__ x = in + m * g.dp + j0;
+#pragma GCC unroll 32
+        for (int p = 0; p < K2T; ++p) {
+          const T w = fc[p * g.M + m];
+#pragma omp simd
+          for (int v = 0; v < V; ++v) acc[p][v] += w * x[v];
+        }
+      }
+      for (int p = 0; p < K2T; ++p) {
+#pragma omp simd
+        for (int v = 0; v < V; ++v) dst[p * g.dp + j0 + v] = acc[p][v];
+      }
+    } else {
+      for (int64_t p = 0; p < K2; ++p) {
+        T acc[V];
+        const T b = bias ? bias[p] : T(0);
+        for (int v = 0; v < V; ++v) acc[v] = b;
+        for (int64_t m = 0; m < g.M; ++m) {
+          const T w = fc[p * g.M + m];
+          const T* __restrict__ x = in + m * g.dp + j0;
+#pragma omp simd
+          for (int v = 0; v < V; ++v) acc[v] += w * x[v];
+        }
+        for (int v = 0; v < V; ++v) dst[p * g.dp + j0 + v] = acc[v];
+      }
+    }
+  }
+}
+
+// CC output channels c0.. of one group and kClX output pixels, lanes j0..j0+V:
+// acc[x][c][v] = sum_p sum_t Wt[c0 + c][p][t][j0 + v] * F(x + tx, row + ty)[p][j0 + v].
+template <typename T, int CC>
+void cl_conv_tile(const T* __restrict__ F, int64_t frow, const T* __restrict__ Wt,
+                  const ClGeom& g, T (*out)[kClCC][kLanes<T>]) {
+  constexpr int V = kLanes<T>;
+  const int64_t k = g.k, k2 = k * k, wc = g.K2 * k2 * g.dp;  // Wt stride per channel c
+  T acc[kClX][CC][V] = {};
+  for (int64_t p = 0; p < g.K2; ++p)
+    for (int64_t ty = 0; ty < k; ++ty)
+      for (int64_t tx = 0; tx < k; ++tx) {
+        const T* __restrict__ f = F + ty * frow + tx * g.pix + p * g.dp;
+        const T* __restrict__ w = Wt + (p * k2 + ty * k + tx) * g.dp;
+#pragma GCC unroll 4
+        for (int c = 0; c < CC; ++c) {
+#pragma GCC unroll 4
+          for (int x = 0; x < kClX; ++x) {
+#pragma omp simd
+            for (int v = 0; v < V; ++v) acc[x][c][v] += w[c * wc + v] * f[x * g.pix + v];
+          }
+        }
+      }
+  for (int x = 0; x < kClX; ++x)
+    for (int c = 0; c < CC; ++c)
+      for (int v = 0; v < V; ++v) out[x][c][v] = acc[x][c][v];
+}
+
+template <typename T>
+void forward_cl_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, const ClGeom& g,
+                     T* out) {
+  constexpr int V = kLanes<T>;
+  const int64_t tasks_per_image = (g.H + g.R - 1) / g.R, frow = g.Wf * g.pix;
+  const int64_t Cin = g.M * g.d, k2 = g.k * g.k;
+  at::parallel_for(0, g.B * tasks_per_image, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<T> Fbuf, inbuf;
+    Fbuf.resize((g.R + 2 * g.r) * frow);
+    inbuf.assign(g.M * g.dp, T(0));
+    T obuf[kClX][kClCC][V];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tasks_per_image, y0 = (task % tasks_per_image) * g.R;
+      const int64_t y1 = std::min(g.H, y0 + g.R);
+      // f rows y0 - r .. y1 + r - 1; zero outside the image and in the padding columns.
+      for (int64_t fy = 0; fy < y1 - y0 + 2 * g.r; ++fy) {
+        T* Frow = Fbuf.data() + fy * frow;
+        const int64_t y = y0 - g.r + fy;
+        if (y < 0 || y >= g.H) {
+          std::fill(Frow, Frow + frow, T(0));
+          continue;
+        }
+        std::fill(Frow, Frow + g.r * g.pix, T(0));
+        std::fill(Frow + (g.r + g.W) * g.pix, Frow + frow, T(0));
+        for (int64_t x = 0; x < g.W; ++x) {
+          const T* src = qkv + ((b * g.H + y) * g.W + x) * Cin;
+          if (g.dp != g.d) {  // pad each head group's d channels to dp
+            for (int64_t m = 0; m < g.M; ++m)
+              std::memcpy(inbuf.data() + m * g.dp, src + m * g.d, g.d * sizeof(T));
+            src = inbuf.data();
+          }
+          T* dst = Frow + (g.r + x) * g.pix;
+          if (g.K2 == 9) cl_fc_pixel<T, 9>(src, fc, bias, g, dst);
+          else if (g.K2 == 25) cl_fc_pixel<T, 25>(src, fc, bias, g, dst);
+          else cl_fc_pixel<T, 0>(src, fc, bias, g, dst);
+        }
+      }
+      for (int64_t y = y0; y < y1; ++y) {
+        const T* Fy = Fbuf.data() + (y - y0) * frow;  // the tap rows start r above
+        T* orow = out + (b * g.H + y) * g.W * g.Cout;
+        for (int64_t j0 = 0; j0 < g.dp; j0 += V) {
+          const int64_t nj = std::min<int64_t>(V, g.d - j0);
+          for (int64_t c0 = 0; c0 < g.Cpg; c0 += kClCC) {
+            const int64_t nc = std::min<int64_t>(kClCC, g.Cpg - c0);
+            const T* w = Wt + c0 * g.K2 * k2 * g.dp + j0;
+            for (int64_t x0 = 0; x0 < g.W; x0 += kClX) {
+              const T* f = Fy + x0 * g.pix + j0;
+              switch (nc) {
+                case 4: cl_conv_tile<T, 4>(f, frow, w, g, obuf); break;
+                case 3: cl_conv_tile<T, 3>(f, frow, w, g, obuf); break;
+                case 2: cl_conv_tile<T, 2>(f, frow, w, g, obuf); break;
+                default: cl_conv_tile<T, 1>(f, frow, w, g, obuf); break;
+              }
+              const int64_t nx = std::min<int64_t>(kClX, g.W - x0);
+              for (int64_t x = 0; x < nx; ++x) {
+                T* o = orow + (x0 + x) * g.Cout;
+                for (int64_t v = 0; v < nj; ++v)
+                  for (int64_t c = 0; c < nc; ++c) o[(j0 + v) * g.Cpg + c0 + c] = obuf[x][c][v];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Channels-last forward: qkv (B, H, W, M * d) contiguous, stride 1; returns
+// (B, H, W, C_out). No backward: the autograd path runs PyTorch ops.
+at::Tensor conv_path_forward_cl(const at::Tensor& qkv, const at::Tensor& fc_w,
+                                const c10::optional<at::Tensor>& fc_b, const at::Tensor& dep_w) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 4 && qkv.is_contiguous(),
+              "conv_path_cpu: qkv must be a contiguous CPU (B, H, W, 3C) tensor");
+  TORCH_CHECK(fc_w.dim() == 2 && fc_w.is_contiguous() && fc_w.scalar_type() == qkv.scalar_type(),
+              "conv_path_cpu: fc weight must be a contiguous (K2, 3N) tensor of qkv's dtype");
+  TORCH_CHECK(dep_w.dim() == 4 && dep_w.scalar_type() == qkv.scalar_type(),
+              "conv_path_cpu: grouped-conv weight must be (C_out, K2, k, k) of qkv's dtype");
+  ClGeom g;
+  g.B = qkv.size(0);
+  g.H = qkv.size(1);
+  g.W = qkv.size(2);
+  g.K2 = fc_w.size(0);
+  g.M = fc_w.size(1);
+  g.k = dep_w.size(2);
+  TORCH_CHECK(g.k % 2 == 1 && dep_w.size(3) == g.k && dep_w.size(1) == g.K2 && g.K2 == g.k * g.k,
+              "conv_path_cpu: grouped-conv weight must be (C_out, k*k, k, k) with odd k");
+  TORCH_CHECK(qkv.size(3) % g.M == 0, "conv_path_cpu: qkv channels not divisible by 3N");
+  g.d = qkv.size(3) / g.M;
+  g.Cout = dep_w.size(0);
+  TORCH_CHECK(g.Cout % g.d == 0, "conv_path_cpu: C_out not divisible by d");
+  if (fc_b.has_value())
+    TORCH_CHECK(fc_b->numel() == g.K2 && fc_b->is_contiguous() &&
+                    fc_b->scalar_type() == qkv.scalar_type(),
+                "conv_path_cpu: fc bias must be a contiguous (K2,) tensor");
+  g.Cpg = g.Cout / g.d;
+  g.r = g.k / 2;
+  const int64_t V = qkv.scalar_type() == at::kDouble ? kLanes<double> : kLanes<float>;
+  g.dp = round_up(g.d, V);
+  g.pix = g.K2 * g.dp;
+  g.Wf = g.W + 2 * g.r + kClX;
+  // Rows per task: F within ~512 KiB (each task recomputes f on 2r extra rows).
+  const int64_t row_bytes = g.Wf * g.pix * qkv.element_size();
+  g.R = std::max<int64_t>(4, (int64_t(1) << 19) / row_bytes - 2 * g.r);
+  g.R = std::min(g.R, g.H);
+  // Wt[c][p][t][j] = dep_w[j * Cpg + c][p][t], zero for j >= d.
+  at::Tensor Wt = at::zeros({g.Cpg, g.K2, g.k * g.k, g.dp}, qkv.options());
+  Wt.narrow(3, 0, g.d).copy_(dep_w.reshape({g.d, g.Cpg, g.K2, g.k * g.k}).permute({1, 2, 3, 0}));
+  at::Tensor out = at::empty({g.B, g.H, g.W, g.Cout}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "conv_path_cpu_forward_cl", [&] {
+    forward_cl_impl<scalar_t>(qkv.data_ptr<scalar_t>(), fc_w.data_ptr<scalar_t>(),
+                              fc_b.has_value() ? fc_b->data_ptr<scalar_t>() : nullptr,
+                              Wt.data_ptr<scalar_t>(), g, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -578,4 +786,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qkv"), py::arg("fc_w"), py::arg("fc_b"), py::arg("dep_w"), py::arg("stride"),
         py::arg("mix_into") = py::none(), py::arg("alpha") = 1.0, py::arg("beta") = 1.0);
   m.def("backward", &conv_path_backward, "fused ACmix convolution path backward (CPU)");
+  m.def("forward_cl", &conv_path_forward_cl,
+        "fused ACmix convolution path forward on channels-last features (CPU, stride 1)");
 }

@@ -261,19 +261,34 @@ def conv_path_features(
     return out.reshape(B, d * K2, H, W)
 
 
-def fused_conv_path_applies(qkv: torch.Tensor) -> bool:
-    """Whether :func:`conv_path` runs the fused CPU kernel on these head features.
+def fused_conv_path_applies(
+    qkv: torch.Tensor, stride: int = 1, weights: tuple[torch.Tensor | None, ...] = ()
+) -> bool:
+    """Whether :func:`conv_path` runs a fused CPU kernel on these head features.
 
-    It does for contiguous ``(B, 3N, d, H, W)`` CPU float32/float64 features
-    when the kernel builds (``ACMIX_NO_CPP=1`` disables it), outside tracing
-    and compilation (exported graphs keep plain aten ops). The kernel does
-    the same multiply-adds as the PyTorch path (fc einsum + grouped conv),
-    in one pass, without materialising the ``K2 * d`` fc maps.
+    It does for CPU float32/float64 features when the kernel builds
+    (``ACMIX_NO_CPP=1`` disables it), outside tracing and compilation
+    (exported graphs keep plain aten ops), and
+
+    * contiguous ``(B, 3N, d, H, W)`` features: any stride, with autograd; or
+    * channels-last features (Swin's ``(B, H, W, 3N, d)`` view) at stride 1
+      when no gradient is needed (inference): neither the features nor
+      ``weights`` (the conv path's parameters) require one.
+
+    The kernels do the same multiply-adds as the PyTorch path (fc einsum +
+    grouped conv), in one pass, without materialising the ``K2 * d`` fc maps.
     """
     if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64):
         return False
-    if not qkv.is_contiguous() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
+    if not qkv.is_contiguous():
+        channels_last = qkv.permute(0, 3, 4, 1, 2).is_contiguous()
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (qkv, *weights)
+        )
+        if not channels_last or stride != 1 or needs_grad:
+            return False
     return conv_path_kernel() is not None
 
 
@@ -327,6 +342,7 @@ def conv_path(
 
     The grouped-conv modes run as one fused CPU kernel where
     :func:`fused_conv_path_applies`; elsewhere as ``einsum`` + ``conv2d``.
+    Channels-last features give a channels-last result (the same values).
     """
     B, M, d, H, W = qkv.shape
     if fc_weight.numel() != kernel * kernel * M:
@@ -341,9 +357,15 @@ def conv_path(
             f"{(out_channels, K2, kernel, kernel)} (C_out, k*k, k, k)"
         )
     fused = use_kernel and shift_mode != "tensor" and dep_weight is not None
-    if fused and fused_conv_path_applies(qkv):
+    if fused and fused_conv_path_applies(qkv, stride, (fc_weight, fc_bias, dep_weight)):
         weights = conv_kernel_weights(fc_weight, fc_bias, dep_weight, qkv.dtype)
-        return CppConvPath.apply(qkv.reshape(B, M * d, H, W), *weights, stride)
+        if qkv.is_contiguous():
+            return CppConvPath.apply(qkv.reshape(B, M * d, H, W), *weights, stride)
+        # channels-last inference: (B, H, W, 3N * d) in, (B, H, W, C_out) out
+        ext = conv_path_kernel()
+        assert ext is not None
+        features = qkv.permute(0, 3, 4, 1, 2).reshape(B, H, W, M * d)
+        return ext.forward_cl(features, *weights).permute(0, 3, 1, 2)
     feats = conv_path_features(qkv, fc_weight, fc_bias)
     if shift_mode == "tensor":
         return shift_sum(feats.view(B, d, K2, H, W), kernel, stride, out_channels // d)
