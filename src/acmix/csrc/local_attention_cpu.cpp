@@ -382,9 +382,12 @@ double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T
   std::vector<double> dsum(at::get_num_threads(), 0.0);
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
     double& dsum_thread = dsum[at::get_thread_num()];
-    Workspace<T> S(g, false);
+    // Strided: one block per query row (the rows between have no queries).
+    const bool strided = g.stride > 1;
+    Workspace<T> S(g, strided);
     constexpr int64_t V = kLanes<T>;
     const int64_t Wp = S.Wp, K2 = S.K2, M = S.M, nmax = round_up(S.R * Wp, V) + V;
+    const int64_t advance = strided ? g.stride : S.R;
     // Padded-key-layout gradients, query-layout gradient and output gradient (the
     // latter with the same front margin as the queries).
     std::vector<T>& gk = scratch<T>(3, g.d * S.sk);
@@ -395,7 +398,7 @@ double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T
     std::vector<T>& dAbuf = scratch<T>(8, K2 * S.sL);
     std::vector<T>& D = scratch<T>(9, nmax);
     std::vector<T>& l = scratch<T>(10, nmax);
-    std::vector<const T*> ptr(K2), wptr(K2), wptr2(K2);
+    std::vector<const T*> ptr(std::max(K2, 2 * g.kernel)), wptr(K2), wptr2(K2);
     T* A = Abuf.data() + M;
     T* dA = dAbuf.data() + M;
     T* go = gob.data() + M;
@@ -411,7 +414,7 @@ double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T
           T* dst = go + c * S.sq + io * g.stride * Wp;
           for (int64_t jo = 0; jo < g.Wo; ++jo) dst[jo * g.stride] = src[jo];
         }
-      for (int64_t i0 = 0; i0 < g.H; i0 += S.R) {
+      for (int64_t i0 = 0; i0 < g.H; i0 += advance) {
         const int64_t i1 = std::min(g.H, i0 + S.R), n = (i1 - i0) * Wp, nr = round_up(n, V);
         const int64_t base = i0 * Wp;
         block_logits(S, g, i0, i1, nr, A, ptr);
@@ -455,6 +458,24 @@ double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T
           wptr[p] = dA + p * S.sL;
         }
         wsum<T, false>(wptr.data(), ptr.data(), S.sk, K2, g.d, nr, gq.data() + base, S.sq);
+        if (strided) {
+          // A single query row: gather per key row oy over its k window columns,
+          //   gv[c][z] += sum_ox A[p][z - ox] * go[c][z - ox],  z = x + oy * Wp + ox,
+          // gk likewise (zero weights outside [0, nr) again).
+          const int64_t k = g.kernel, nzr = round_up(nr + k - 1, V);
+          for (int64_t oy = 0; oy < k; ++oy) {
+            for (int64_t ox = 0; ox < k; ++ox) {
+              wptr[ox] = A + (oy * k + ox) * S.sL - ox;
+              wptr2[ox] = dA + (oy * k + ox) * S.sL - ox;
+              ptr[ox] = go + base - ox;
+              ptr[k + ox] = S.qp() + base - ox;
+            }
+            const int64_t zb = base + oy * Wp;
+            wsum<T, true>(wptr.data(), ptr.data(), S.sq, k, g.d, nzr, gv.data() + zb, S.sk);
+            wsum<T, true>(wptr2.data(), ptr.data() + k, S.sq, k, g.d, nzr, gk.data() + zb, S.sk);
+          }
+          continue;
+        }
         // Keys and values, gathered at each key z = x + off[p] of the block:
         //   gv[c][z] += sum_p A[p][z - off[p]] * go[c][z - off[p]]
         //   gk[c][z] += sum_p dlogit[p][z - off[p]] * q[c][z - off[p]]
