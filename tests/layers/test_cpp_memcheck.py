@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
         conv.backward(torch.randn_like(out), qkv, fw, fb, dw, s, 1.0, grads[0])  # accumulate
         assert torch.isfinite(out).all()
         assert all(torch.isfinite(t).all() for t in grads if t is not None)
-    # channels-last inference forward: (B, N, d, H, W, k, outputs per group, bias)
+    # channels-last forward and backward: (B, N, d, H, W, k, outputs per group, bias)
     for dt, (B, N, d, H, W, k, per, bias) in itertools.product(
             (torch.float32, torch.float64),
             [(2, 3, 32, 14, 14, 3, 3, True), (1, 2, 5, 7, 9, 3, 2, False),
@@ -61,8 +61,11 @@ SCRIPT = textwrap.dedent(
         qkv = torch.randn(B, H, W, 3 * N * d, dtype=dt)
         fw = torch.randn(k * k, 3 * N, dtype=dt)
         fb = torch.randn(k * k, dtype=dt) if bias else None
-        out = conv.forward_cl(qkv, fw, fb, torch.randn(per * d, k * k, k, k, dtype=dt))
+        dw = torch.randn(per * d, k * k, k, k, dtype=dt)
+        out = conv.forward_cl(qkv, fw, fb, dw)
+        grads = conv.backward_cl(torch.randn_like(out), qkv, fw, fb, dw)
         assert torch.isfinite(out).all()
+        assert all(torch.isfinite(t).all() for t in grads if t is not None)
     print("memcheck ok")
     """
 )

@@ -148,16 +148,12 @@ def test_fused_conv_path_float32_and_fallbacks() -> None:
     assert out.dtype == torch.float32
     scale = ref.abs().max().item()
     assert max_abs(out.double(), ref) < 1e-5 * scale
-    # channels-last features (Swin's view): the inference kernel at stride 1 without
-    # gradients; otherwise (and for other layouts and bf16) the PyTorch path
+    # channels-last features (Swin's view): the channels-last kernel at stride 1;
+    # other strides, other layouts and bf16 take the PyTorch path
     view = qkv.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
     assert AF.fused_conv_path_applies(view)
     assert max_abs(AF.conv_path(view, fc_w, None, dep_w, 3, N * d).double(), ref) < 1e-5 * scale
     assert not AF.fused_conv_path_applies(view, stride=2)
-    assert not AF.fused_conv_path_applies(view, 1, (fc_w.requires_grad_(),))
-    with torch.no_grad():
-        assert AF.fused_conv_path_applies(view, 1, (fc_w,))
-    fc_w.requires_grad_(False)
     assert not AF.fused_conv_path_applies(qkv.transpose(3, 4))
     assert not AF.fused_conv_path_applies(qkv.bfloat16())
     with pytest.raises(ValueError, match=r"grouped-conv weight \(64, 9, 3, 3\) is not"):
@@ -179,16 +175,38 @@ CL_CASES = [
 
 
 @pytest.mark.parametrize("case", CL_CASES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_channels_last_inference_kernel_matches_pytorch(case, dtype) -> None:
+def test_channels_last_kernel_matches_pytorch_fwd_bwd(case) -> None:
     B, N, d, H, W, k, per_group, bias = case
     c_out = per_group * d
-    base = torch.randn(B, H, W, 3 * N, d, dtype=dtype)
+    f64 = torch.float64
+    base = torch.randn(B, H, W, 3 * N, d, dtype=f64, requires_grad=True)
     qkv = base.permute(0, 3, 4, 1, 2)  # Swin's channels-last view of (B, 3N, d, H, W)
-    fc_w = torch.randn(k * k, 3 * N, dtype=dtype)
-    fc_b = torch.randn(k * k, dtype=dtype) if bias else None
-    dep_w = torch.randn(c_out, k * k, k, k, dtype=dtype)
-    assert AF.fused_conv_path_applies(qkv, 1, (fc_w, fc_b, dep_w))
+    fc_w = torch.randn(k * k, 3 * N, dtype=f64, requires_grad=True)
+    fc_b = torch.randn(k * k, dtype=f64, requires_grad=True) if bias else None
+    dep_w = torch.randn(c_out, k * k, k, k, dtype=f64, requires_grad=True)
+    assert AF.fused_conv_path_applies(qkv)
+    ref = _conv_path_pytorch(qkv, fc_w, fc_b, dep_w, k, c_out, 1)
+    out = AF.conv_path(qkv, fc_w, fc_b, dep_w, k, c_out, 1, "learnable")
+    assert out.shape == ref.shape == (B, c_out, H, W)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert max_abs(out, ref) < 1e-12 * ref.abs().max().item()
+    inputs = [base, fc_w, dep_w] + ([fc_b] if bias else [])
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * g).sum(), inputs)
+    grads = torch.autograd.grad((out * g).sum(), inputs)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert max_abs(a, b) < 1e-12 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("case", CL_CASES[:3])
+def test_channels_last_kernel_float32(case) -> None:
+    B, N, d, H, W, k, per_group, bias = case
+    c_out = per_group * d
+    base = torch.randn(B, H, W, 3 * N, d, requires_grad=True)
+    qkv = base.permute(0, 3, 4, 1, 2)
+    fc_w = torch.randn(k * k, 3 * N)
+    fc_b = torch.randn(k * k) if bias else None
+    dep_w = torch.randn(c_out, k * k, k, k)
     ref = _conv_path_pytorch(
         qkv.double(),
         fc_w.double(),
@@ -199,10 +217,12 @@ def test_channels_last_inference_kernel_matches_pytorch(case, dtype) -> None:
         1,
     )
     out = AF.conv_path(qkv, fc_w, fc_b, dep_w, k, c_out, 1, "learnable")
-    assert out.shape == ref.shape == (B, c_out, H, W)
-    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    assert max_abs(out.double(), ref) < tol * ref.abs().max().item()
+    assert out.dtype == torch.float32
+    assert max_abs(out.double(), ref) < 1e-5 * ref.abs().max().item()
+    g = torch.randn_like(ref)
+    (grad,) = torch.autograd.grad((out * g.float()).sum(), [base])
+    (grad_ref,) = torch.autograd.grad((ref * g).sum(), [base])
+    assert max_abs(grad.double(), grad_ref) < 1e-5 * grad_ref.abs().max().item()
 
 
 @pytest.mark.parametrize("bias", [False, True])

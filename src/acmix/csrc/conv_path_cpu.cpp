@@ -572,7 +572,7 @@ std::vector<at::Tensor> conv_path_backward(const at::Tensor& grad_out, const at:
 }
 
 // ---------------------------------------------------------------------------
-// Channels-last forward (inference, stride 1): qkv (B, H, W, M * d) ->
+// Channels-last forward and backward (stride 1): qkv (B, H, W, M * d) ->
 // out (B, H, W, C_out), the layout of Swin's features. Vectorised over the
 // within-head channel j, which is contiguous in both f and the input pixel:
 //   F[row][col][p][j]   f of a block of output rows plus r rows above and
@@ -591,6 +591,15 @@ struct ClGeom {
 
 constexpr int kClX = 4;   // output pixels per register tile
 constexpr int kClCC = 4;  // output channels (of one group) per register tile
+
+// One input pixel's M * d channels with stride dp per head group: the pixel
+// itself when d == dp, else a copy into inbuf (whose padding lanes stay zero).
+template <typename T>
+const T* cl_input_pixel(const T* src, const ClGeom& g, T* inbuf) {
+  if (g.dp == g.d) return src;
+  for (int64_t m = 0; m < g.M; ++m) std::memcpy(inbuf + m * g.dp, src + m * g.d, g.d * sizeof(T));
+  return inbuf;
+}
 
 // f of one image pixel into dst[p * dp + j]: bias + fc . input, K2 maps.
 template <typename T, int K2T>
@@ -663,12 +672,36 @@ void cl_conv_tile(const T* __restrict__ F, int64_t frow, const T* __restrict__ W
       for (int v = 0; v < V; ++v) out[x][c][v] = acc[x][c][v];
 }
 
+// f of image rows [ya, yb) of image b into F rows 0.. (zero outside the image and
+// in the padding columns). inbuf: M * dp scratch whose padding lanes are zero.
+template <typename T>
+void cl_build_f_rows(const T* qkv, const T* fc, const T* bias, const ClGeom& g, int64_t b,
+                     int64_t ya, int64_t yb, T* F, T* inbuf) {
+  const int64_t frow = g.Wf * g.pix, Cin = g.M * g.d;
+  for (int64_t y = ya; y < yb; ++y) {
+    T* Frow = F + (y - ya) * frow;
+    if (y < 0 || y >= g.H) {
+      std::fill(Frow, Frow + frow, T(0));
+      continue;
+    }
+    std::fill(Frow, Frow + g.r * g.pix, T(0));
+    std::fill(Frow + (g.r + g.W) * g.pix, Frow + frow, T(0));
+    for (int64_t x = 0; x < g.W; ++x) {
+      const T* src = cl_input_pixel(qkv + ((b * g.H + y) * g.W + x) * Cin, g, inbuf);
+      T* dst = Frow + (g.r + x) * g.pix;
+      if (g.K2 == 9) cl_fc_pixel<T, 9>(src, fc, bias, g, dst);
+      else if (g.K2 == 25) cl_fc_pixel<T, 25>(src, fc, bias, g, dst);
+      else cl_fc_pixel<T, 0>(src, fc, bias, g, dst);
+    }
+  }
+}
+
 template <typename T>
 void forward_cl_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, const ClGeom& g,
                      T* out) {
   constexpr int V = kLanes<T>;
   const int64_t tasks_per_image = (g.H + g.R - 1) / g.R, frow = g.Wf * g.pix;
-  const int64_t Cin = g.M * g.d, k2 = g.k * g.k;
+  const int64_t k2 = g.k * g.k;
   at::parallel_for(0, g.B * tasks_per_image, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<T> Fbuf, inbuf;
     Fbuf.resize((g.R + 2 * g.r) * frow);
@@ -677,29 +710,7 @@ void forward_cl_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, cons
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tasks_per_image, y0 = (task % tasks_per_image) * g.R;
       const int64_t y1 = std::min(g.H, y0 + g.R);
-      // f rows y0 - r .. y1 + r - 1; zero outside the image and in the padding columns.
-      for (int64_t fy = 0; fy < y1 - y0 + 2 * g.r; ++fy) {
-        T* Frow = Fbuf.data() + fy * frow;
-        const int64_t y = y0 - g.r + fy;
-        if (y < 0 || y >= g.H) {
-          std::fill(Frow, Frow + frow, T(0));
-          continue;
-        }
-        std::fill(Frow, Frow + g.r * g.pix, T(0));
-        std::fill(Frow + (g.r + g.W) * g.pix, Frow + frow, T(0));
-        for (int64_t x = 0; x < g.W; ++x) {
-          const T* src = qkv + ((b * g.H + y) * g.W + x) * Cin;
-          if (g.dp != g.d) {  // pad each head group's d channels to dp
-            for (int64_t m = 0; m < g.M; ++m)
-              std::memcpy(inbuf.data() + m * g.dp, src + m * g.d, g.d * sizeof(T));
-            src = inbuf.data();
-          }
-          T* dst = Frow + (g.r + x) * g.pix;
-          if (g.K2 == 9) cl_fc_pixel<T, 9>(src, fc, bias, g, dst);
-          else if (g.K2 == 25) cl_fc_pixel<T, 25>(src, fc, bias, g, dst);
-          else cl_fc_pixel<T, 0>(src, fc, bias, g, dst);
-        }
-      }
+      cl_build_f_rows(qkv, fc, bias, g, b, y0 - g.r, y1 + g.r, Fbuf.data(), inbuf.data());
       for (int64_t y = y0; y < y1; ++y) {
         const T* Fy = Fbuf.data() + (y - y0) * frow;  // the tap rows start r above
         T* orow = out + (b * g.H + y) * g.W * g.Cout;
@@ -730,10 +741,205 @@ void forward_cl_impl(const T* qkv, const T* fc, const T* bias, const T* Wt, cons
   });
 }
 
-// Channels-last forward: qkv (B, H, W, M * d) contiguous, stride 1; returns
-// (B, H, W, C_out). No backward: the autograd path runs PyTorch ops.
-at::Tensor conv_path_forward_cl(const at::Tensor& qkv, const at::Tensor& fc_w,
-                                const c10::optional<at::Tensor>& fc_b, const at::Tensor& dep_w) {
+// Backward, per task (image b, rows [y0, y1)): the output gradient G regrouped
+// per pixel as [c][j] (rows y0 - r .. y1 + r, zero-padded like F), then
+//   gF[y'][x'][p][j] = sum_c sum_t Wt[c][p][t][j] G[y' - ty + r][x' - tx + r][c][j]
+// for the task's own f rows (each f row belongs to one task), and from it the
+// qkv gradient (fc^T gF), fc's and the bias's gradients; the grouped-conv
+// weight gradient sums G * F over the task's output rows (F recomputed with
+// its halo, as in the forward). Weight gradients are per-thread partial sums.
+constexpr int kClPT = 9;  // maps per register tile (gF, fc gradient)
+constexpr int kClMT = 3;  // head groups per register tile (fc gradient)
+constexpr int kClCT = 3;  // output channels per register tile (weight gradient)
+
+template <typename T>
+void cl_build_g_rows(const T* go, const ClGeom& g, int64_t b, int64_t ya, int64_t yb, T* Gb) {
+  const int64_t gpix = g.Cpg * g.dp, grow = g.Wf * gpix;
+  for (int64_t y = ya; y < yb; ++y) {
+    T* Grow = Gb + (y - ya) * grow;
+    if (y < 0 || y >= g.H) {
+      std::fill(Grow, Grow + grow, T(0));
+      continue;
+    }
+    std::fill(Grow, Grow + g.r * gpix, T(0));
+    std::fill(Grow + (g.r + g.W) * gpix, Grow + grow, T(0));
+    for (int64_t x = 0; x < g.W; ++x) {
+      const T* src = go + ((b * g.H + y) * g.W + x) * g.Cout;
+      T* dst = Grow + (g.r + x) * gpix;
+      for (int64_t c = 0; c < g.Cpg; ++c) {
+        for (int64_t j = 0; j < g.d; ++j) dst[c * g.dp + j] = src[j * g.Cpg + c];
+        for (int64_t j = g.d; j < g.dp; ++j) dst[c * g.dp + j] = T(0);
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_cl_impl(const T* go, const T* qkv, const T* fc, const T* bias, const T* Wt,
+                      const ClGeom& g, T* gqkv, T* gWt, T* gfc, T* gbias) {
+  constexpr int V = kLanes<T>;
+  const int64_t tasks_per_image = (g.H + g.R - 1) / g.R, frow = g.Wf * g.pix;
+  const int64_t k = g.k, k2 = k * k, r = g.r, Cin = g.M * g.d;
+  const int64_t gpix = g.Cpg * g.dp, grow = g.Wf * gpix, gfrow = g.Wf * g.pix;
+  const int64_t nW = g.Cpg * g.K2 * k2 * g.dp, nfc = g.K2 * g.M;
+  const int64_t nthreads = at::get_num_threads();
+  std::vector<T> partial(nthreads * (nW + (nfc + g.K2) * V), T(0));
+  at::parallel_for(0, g.B * tasks_per_image, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<T> Fbuf, Gbuf, gFbuf, inbuf;
+    Fbuf.resize((g.R + 2 * r) * frow);
+    Gbuf.resize((g.R + 2 * r) * grow);
+    gFbuf.resize(g.R * gfrow);
+    inbuf.assign(g.M * g.dp, T(0));
+    T* pW = partial.data() + at::get_thread_num() * (nW + (nfc + g.K2) * V);
+    T* pfc = pW + nW;          // [p][m][V]
+    T* pb = pfc + nfc * V;     // [p][V]
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tasks_per_image, y0 = (task % tasks_per_image) * g.R;
+      const int64_t y1 = std::min(g.H, y0 + g.R), R = y1 - y0;
+      cl_build_g_rows(go, g, b, y0 - r, y1 + r, Gbuf.data());
+      cl_build_f_rows(qkv, fc, bias, g, b, y0 - r, y1 + r, Fbuf.data(), inbuf.data());
+      // gF of f rows [y0, y1), columns [0, W) (tiles of 2 may compute column W too).
+      for (int64_t yy = 0; yy < R; ++yy) {
+        // G block row of image row y' - ty + r is yy - ty + 2r.
+        const T* Gy = Gbuf.data() + (yy + 2 * r) * grow;
+        T* gFy = gFbuf.data() + yy * gfrow;
+        for (int64_t p0 = 0; p0 < g.K2; p0 += kClPT) {
+          const int64_t np = std::min<int64_t>(kClPT, g.K2 - p0);
+          for (int64_t j0 = 0; j0 < g.dp; j0 += V) {
+            for (int64_t x0 = 0; x0 < g.W; x0 += 2) {
+              T acc[2][kClPT][V] = {};
+              for (int64_t c = 0; c < g.Cpg; ++c)
+                for (int64_t ty = 0; ty < k; ++ty)
+                  for (int64_t tx = 0; tx < k; ++tx) {
+                    const T* __restrict__ gsrc =
+                        Gy - ty * grow + (x0 - tx + 2 * r) * gpix + c * g.dp + j0;
+                    const T* __restrict__ w =
+                        Wt + ((c * g.K2 + p0) * k2 + ty * k + tx) * g.dp + j0;
+#pragma GCC unroll 9
+                    for (int q = 0; q < kClPT; ++q) {
+                      if (q >= np) break;
+#pragma omp simd
+                      for (int v = 0; v < V; ++v) {
+                        acc[0][q][v] += w[q * k2 * g.dp + v] * gsrc[v];
+                        acc[1][q][v] += w[q * k2 * g.dp + v] * gsrc[gpix + v];
+                      }
+                    }
+                  }
+              for (int xx = 0; xx < 2; ++xx)
+                for (int q = 0; q < np; ++q) {
+                  T* dst = gFy + (x0 + xx) * g.pix + (p0 + q) * g.dp + j0;
+#pragma omp simd
+                  for (int v = 0; v < V; ++v) dst[v] = acc[xx][q][v];
+                }
+            }
+          }
+        }
+      }
+      // qkv gradient (fc^T gF), the bias gradient and the fc gradient (gF . input).
+      for (int64_t yy = 0; yy < R; ++yy) {
+        const int64_t y = y0 + yy;
+        for (int64_t x = 0; x < g.W; ++x) {
+          const T* gF = gFbuf.data() + yy * gfrow + x * g.pix;
+          const T* in = cl_input_pixel(qkv + ((b * g.H + y) * g.W + x) * Cin, g, inbuf.data());
+          T* gin = gqkv + ((b * g.H + y) * g.W + x) * Cin;
+          for (int64_t j0 = 0; j0 < g.dp; j0 += V) {
+            const int64_t nj = std::min<int64_t>(V, g.d - j0);
+            for (int64_t m = 0; m < g.M; ++m) {
+              T acc[V] = {};
+              for (int64_t p = 0; p < g.K2; ++p) {
+                const T w = fc[p * g.M + m];
+                const T* __restrict__ gp = gF + p * g.dp + j0;
+#pragma omp simd
+                for (int v = 0; v < V; ++v) acc[v] += w * gp[v];
+              }
+              for (int64_t v = 0; v < nj; ++v) gin[m * g.d + j0 + v] = acc[v];
+            }
+            for (int64_t p = 0; p < g.K2; ++p) {
+              const T* __restrict__ gp = gF + p * g.dp + j0;
+#pragma omp simd
+              for (int v = 0; v < V; ++v) pb[p * V + v] += gp[v];
+            }
+            for (int64_t p0 = 0; p0 < g.K2; p0 += kClPT) {
+              const int64_t np = std::min<int64_t>(kClPT, g.K2 - p0);
+              for (int64_t m0 = 0; m0 < g.M; m0 += kClMT) {
+                const int64_t nm = std::min<int64_t>(kClMT, g.M - m0);
+                T acc[kClPT][kClMT][V] = {};
+#pragma GCC unroll 9
+                for (int q = 0; q < kClPT; ++q) {
+                  if (q >= np) break;
+                  const T* __restrict__ gp = gF + (p0 + q) * g.dp + j0;
+#pragma GCC unroll 3
+                  for (int mm = 0; mm < kClMT; ++mm) {
+                    if (mm >= nm) break;
+                    const T* __restrict__ ip = in + (m0 + mm) * g.dp + j0;
+#pragma omp simd
+                    for (int v = 0; v < V; ++v) acc[q][mm][v] += gp[v] * ip[v];
+                  }
+                }
+                for (int q = 0; q < np; ++q)
+                  for (int mm = 0; mm < nm; ++mm) {
+                    T* dst = pfc + ((p0 + q) * g.M + m0 + mm) * V;
+#pragma omp simd
+                    for (int v = 0; v < V; ++v) dst[v] += acc[q][mm][v];
+                  }
+              }
+            }
+          }
+        }
+      }
+      // Grouped-conv weight gradient over the task's output rows:
+      // gWt[c][p][t][j] += G[y][x][c][j] * F[y + ty - r][x + tx - r][p][j].
+      for (int64_t c0 = 0; c0 < g.Cpg; c0 += kClCT) {
+        const int64_t nc = std::min<int64_t>(kClCT, g.Cpg - c0);
+        for (int64_t p = 0; p < g.K2; ++p)
+          for (int64_t t0 = 0; t0 < k2; t0 += kClPT) {
+            const int64_t nt = std::min<int64_t>(kClPT, k2 - t0);
+            for (int64_t j0 = 0; j0 < g.dp; j0 += V) {
+              T acc[kClCT][kClPT][V] = {};
+              for (int64_t yy = 0; yy < R; ++yy) {
+                const T* Grow = Gbuf.data() + (yy + r) * grow + r * gpix + j0;
+                const T* Frow = Fbuf.data() + yy * frow + p * g.dp + j0;
+                for (int64_t x = 0; x < g.W; ++x) {
+                  const T* __restrict__ gx = Grow + x * gpix;
+                  const T* __restrict__ fx = Frow + x * g.pix;
+#pragma GCC unroll 9
+                  for (int q = 0; q < kClPT; ++q) {
+                    if (q >= nt) break;
+                    const int64_t t = t0 + q;
+                    const T* __restrict__ f = fx + (t / k) * frow + (t % k) * g.pix;
+#pragma GCC unroll 3
+                    for (int c = 0; c < kClCT; ++c) {
+                      if (c >= nc) break;
+#pragma omp simd
+                      for (int v = 0; v < V; ++v) acc[c][q][v] += gx[(c0 + c) * g.dp + v] * f[v];
+                    }
+                  }
+                }
+              }
+              for (int c = 0; c < nc; ++c)
+                for (int q = 0; q < nt; ++q) {
+                  T* dst = pW + (((c0 + c) * g.K2 + p) * k2 + t0 + q) * g.dp + j0;
+#pragma omp simd
+                  for (int v = 0; v < V; ++v) dst[v] += acc[c][q][v];
+                }
+            }
+          }
+      }
+    }
+  });
+  for (int64_t th = 0; th < nthreads; ++th) {
+    const T* part = partial.data() + th * (nW + (nfc + g.K2) * V);
+    for (int64_t i = 0; i < nW; ++i) gWt[i] += part[i];
+    for (int64_t i = 0; i < nfc; ++i)
+      for (int v = 0; v < V; ++v) gfc[i] += part[nW + i * V + v];
+    if (gbias)
+      for (int64_t p = 0; p < g.K2; ++p)
+        for (int v = 0; v < V; ++v) gbias[p] += part[nW + nfc * V + p * V + v];
+  }
+}
+
+ClGeom cl_geometry(const at::Tensor& qkv, const at::Tensor& fc_w,
+                   const c10::optional<at::Tensor>& fc_b, const at::Tensor& dep_w) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 4 && qkv.is_contiguous(),
               "conv_path_cpu: qkv must be a contiguous CPU (B, H, W, 3C) tensor");
   TORCH_CHECK(fc_w.dim() == 2 && fc_w.is_contiguous() && fc_w.scalar_type() == qkv.scalar_type(),
@@ -767,9 +973,22 @@ at::Tensor conv_path_forward_cl(const at::Tensor& qkv, const at::Tensor& fc_w,
   const int64_t row_bytes = g.Wf * g.pix * qkv.element_size();
   g.R = std::max<int64_t>(4, (int64_t(1) << 19) / row_bytes - 2 * g.r);
   g.R = std::min(g.R, g.H);
-  // Wt[c][p][t][j] = dep_w[j * Cpg + c][p][t], zero for j >= d.
-  at::Tensor Wt = at::zeros({g.Cpg, g.K2, g.k * g.k, g.dp}, qkv.options());
+  return g;
+}
+
+// Wt[c][p][t][j] = dep_w[j * Cpg + c][p][t], zero for j >= d.
+at::Tensor cl_weights(const at::Tensor& dep_w, const ClGeom& g) {
+  at::Tensor Wt = at::zeros({g.Cpg, g.K2, g.k * g.k, g.dp}, dep_w.options());
   Wt.narrow(3, 0, g.d).copy_(dep_w.reshape({g.d, g.Cpg, g.K2, g.k * g.k}).permute({1, 2, 3, 0}));
+  return Wt;
+}
+
+// Channels-last forward: qkv (B, H, W, M * d) contiguous, stride 1; returns
+// (B, H, W, C_out).
+at::Tensor conv_path_forward_cl(const at::Tensor& qkv, const at::Tensor& fc_w,
+                                const c10::optional<at::Tensor>& fc_b, const at::Tensor& dep_w) {
+  const ClGeom g = cl_geometry(qkv, fc_w, fc_b, dep_w);
+  const at::Tensor Wt = cl_weights(dep_w, g);
   at::Tensor out = at::empty({g.B, g.H, g.W, g.Cout}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "conv_path_cpu_forward_cl", [&] {
     forward_cl_impl<scalar_t>(qkv.data_ptr<scalar_t>(), fc_w.data_ptr<scalar_t>(),
@@ -777,6 +996,35 @@ at::Tensor conv_path_forward_cl(const at::Tensor& qkv, const at::Tensor& fc_w,
                               Wt.data_ptr<scalar_t>(), g, out.data_ptr<scalar_t>());
   });
   return out;
+}
+
+// Channels-last backward: returns (the gradient of qkv (B, H, W, M * d), of fc,
+// of the fc bias (undefined without one), of the grouped-conv weight).
+std::vector<at::Tensor> conv_path_backward_cl(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                              const at::Tensor& fc_w,
+                                              const c10::optional<at::Tensor>& fc_b,
+                                              const at::Tensor& dep_w) {
+  const ClGeom g = cl_geometry(qkv, fc_w, fc_b, dep_w);
+  at::Tensor go = grad_out.contiguous();
+  TORCH_CHECK(go.sizes() == at::IntArrayRef({g.B, g.H, g.W, g.Cout}) &&
+                  go.scalar_type() == qkv.scalar_type(),
+              "conv_path_cpu: grad_out must be (B, H, W, C_out) of qkv's dtype");
+  const at::Tensor Wt = cl_weights(dep_w, g);
+  at::Tensor gqkv = at::empty_like(qkv);
+  at::Tensor gWt = at::zeros_like(Wt);
+  at::Tensor gfc = at::zeros_like(fc_w);
+  at::Tensor gb = fc_b.has_value() ? at::zeros_like(*fc_b) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "conv_path_cpu_backward_cl", [&] {
+    backward_cl_impl<scalar_t>(go.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(),
+                               fc_w.data_ptr<scalar_t>(),
+                               fc_b.has_value() ? fc_b->data_ptr<scalar_t>() : nullptr,
+                               Wt.data_ptr<scalar_t>(), g, gqkv.data_ptr<scalar_t>(),
+                               gWt.data_ptr<scalar_t>(), gfc.data_ptr<scalar_t>(),
+                               fc_b.has_value() ? gb.data_ptr<scalar_t>() : nullptr);
+  });
+  // gW[j * Cpg + c][p][t] = gWt[c][p][t][j]
+  at::Tensor gW = gWt.narrow(3, 0, g.d).permute({3, 0, 1, 2}).reshape(dep_w.sizes()).contiguous();
+  return {gqkv, gfc, gb, gW};
 }
 
 }  // namespace
@@ -788,4 +1036,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &conv_path_backward, "fused ACmix convolution path backward (CPU)");
   m.def("forward_cl", &conv_path_forward_cl,
         "fused ACmix convolution path forward on channels-last features (CPU, stride 1)");
+  m.def("backward_cl", &conv_path_backward_cl,
+        "fused ACmix convolution path backward on channels-last features (CPU, stride 1)");
 }

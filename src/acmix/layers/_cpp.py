@@ -22,7 +22,7 @@ import torch
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _state: dict[str, ModuleType | None] = {}
 
-__all__ = ["CppConvPath", "CppLocalAttention", "conv_path_kernel", "cpu_kernel"]
+__all__ = ["CppConvPath", "CppConvPathCL", "CppLocalAttention", "conv_path_kernel", "cpu_kernel"]
 
 
 # Tuned for the building machine (-march=native): the build name carries a hash of
@@ -145,6 +145,29 @@ class CppConvPath(torch.autograd.Function):
             grad_out, qkv, fc_weight, fc_bias, dep_weight, ctx.stride, 1.0, None
         )
         return g_qkv, g_fc, g_bias if fc_bias is not None else None, g_dep, None
+
+
+class CppConvPathCL(torch.autograd.Function):
+    """Fused CPU convolution path on channels-last features ``qkv (B, H, W, 3C)``, stride 1.
+
+    Saves only its inputs (the fc output is recomputed in backward) and returns
+    ``(B, H, W, C_out)``.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, fc_weight, fc_bias, dep_weight):  # type: ignore[override]
+        ext = conv_path_kernel()
+        assert ext is not None
+        ctx.save_for_backward(qkv, fc_weight, fc_bias, dep_weight)
+        return ext.forward_cl(qkv, fc_weight, fc_bias, dep_weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        qkv, fc_weight, fc_bias, dep_weight = ctx.saved_tensors
+        ext = conv_path_kernel()
+        assert ext is not None
+        g_qkv, g_fc, g_bias, g_dep = ext.backward_cl(grad_out, qkv, fc_weight, fc_bias, dep_weight)
+        return g_qkv, g_fc, g_bias if fc_bias is not None else None, g_dep
 
 
 class CppACmixStage2(torch.autograd.Function):

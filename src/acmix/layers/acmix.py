@@ -171,14 +171,7 @@ class ACmixBase(nn.Module):
         The same fc + grouped-conv multiply-adds the PyTorch path shows the
         counter; :meth:`uncounted_macs` reports them (0 where the kernel does not run).
         """
-        fc = self.fc
-        weights = (None, None) if fc is None else (fc.weight, fc.bias)
-        weights += (self._shift_weight(),)
-        if (
-            use_kernel
-            and self.shift_mode != "tensor"
-            and fused_conv_path_applies(qkv, self.stride, weights)
-        ):
+        if use_kernel and self.shift_mode != "tensor" and fused_conv_path_applies(qkv, self.stride):
             B, M, d, H, W = qkv.shape
             Ho, Wo = out_size(H, self.stride), out_size(W, self.stride)
             K2 = self.kernel_conv**2

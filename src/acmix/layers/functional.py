@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from acmix.layers._cpp import CppConvPath, conv_path_kernel
+from acmix.layers._cpp import CppConvPath, CppConvPathCL, conv_path_kernel
 from acmix.layers.checks import check_odd_kernel, check_positive_int
 
 ShiftMode = Literal["learnable", "fixed", "tensor"]
@@ -261,19 +261,17 @@ def conv_path_features(
     return out.reshape(B, d * K2, H, W)
 
 
-def fused_conv_path_applies(
-    qkv: torch.Tensor, stride: int = 1, weights: tuple[torch.Tensor | None, ...] = ()
-) -> bool:
+def fused_conv_path_applies(qkv: torch.Tensor, stride: int = 1) -> bool:
     """Whether :func:`conv_path` runs a fused CPU kernel on these head features.
 
     It does for CPU float32/float64 features when the kernel builds
     (``ACMIX_NO_CPP=1`` disables it), outside tracing and compilation
     (exported graphs keep plain aten ops), and
 
-    * contiguous ``(B, 3N, d, H, W)`` features: any stride, with autograd; or
-    * channels-last features (Swin's ``(B, H, W, 3N, d)`` view) at stride 1
-      when no gradient is needed (inference): neither the features nor
-      ``weights`` (the conv path's parameters) require one.
+    * contiguous ``(B, 3N, d, H, W)`` features, any stride; or
+    * channels-last features (Swin's ``(B, H, W, 3N, d)`` view) at stride 1.
+
+    Both kernels have a backward.
 
     The kernels do the same multiply-adds as the PyTorch path (fc einsum +
     grouped conv), in one pass, without materialising the ``K2 * d`` fc maps.
@@ -282,13 +280,8 @@ def fused_conv_path_applies(
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    if not qkv.is_contiguous():
-        channels_last = qkv.permute(0, 3, 4, 1, 2).is_contiguous()
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (qkv, *weights)
-        )
-        if not channels_last or stride != 1 or needs_grad:
-            return False
+    if not qkv.is_contiguous() and (stride != 1 or not qkv.permute(0, 3, 4, 1, 2).is_contiguous()):
+        return False
     return conv_path_kernel() is not None
 
 
@@ -357,15 +350,13 @@ def conv_path(
             f"{(out_channels, K2, kernel, kernel)} (C_out, k*k, k, k)"
         )
     fused = use_kernel and shift_mode != "tensor" and dep_weight is not None
-    if fused and fused_conv_path_applies(qkv, stride, (fc_weight, fc_bias, dep_weight)):
+    if fused and fused_conv_path_applies(qkv, stride):
         weights = conv_kernel_weights(fc_weight, fc_bias, dep_weight, qkv.dtype)
         if qkv.is_contiguous():
             return CppConvPath.apply(qkv.reshape(B, M * d, H, W), *weights, stride)
-        # channels-last inference: (B, H, W, 3N * d) in, (B, H, W, C_out) out
-        ext = conv_path_kernel()
-        assert ext is not None
+        # channels-last: (B, H, W, 3N * d) in, (B, H, W, C_out) out
         features = qkv.permute(0, 3, 4, 1, 2).reshape(B, H, W, M * d)
-        return ext.forward_cl(features, *weights).permute(0, 3, 1, 2)
+        return CppConvPathCL.apply(features, *weights).permute(0, 3, 1, 2)
     feats = conv_path_features(qkv, fc_weight, fc_bias)
     if shift_mode == "tensor":
         return shift_sum(feats.view(B, d, K2, H, W), kernel, stride, out_channels // d)
