@@ -95,9 +95,11 @@ struct InputRows {
         tail(tail_buf) {
     constexpr int V = kLanes<T>;
     if (Wfull == g.W) return;
+    const int64_t rem = g.W - Wfull;
     for (int64_t m = 0; m < g.M; ++m) {
       T* t = tail + m * V;
-      for (int v = 0; v < V; ++v) t[v] = Wfull + v < g.W ? base[m * plane + Wfull + v] : T(0);
+      std::memcpy(t, base + m * plane + Wfull, rem * sizeof(T));
+      std::fill(t + rem, t + V, T(0));
     }
   }
   const T* at(int64_t m, int64_t x0) const {
