@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -183,35 +182,6 @@ def _check_against(state_dict: Mapping[str, Any], target: Mapping[str, torch.Ten
         raise CheckpointError("checkpoint does not fit the model:\n  " + "\n  ".join(problems))
 
 
-def _write_atomic(data: bytes, dst: Path) -> None:
-    """Write ``data`` to ``dst`` via a temp file in the same directory + fsync + ``os.replace``.
-
-    Either the old ``dst`` (or none) or the complete new file exists at any
-    moment; a failure leaves no partial file behind.
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # persist the rename itself (best effort: not every platform opens directories)
-        dir_fd = os.open(dst.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def convert_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -263,5 +233,10 @@ def convert_checkpoint(
     # safetensors needs contiguous tensors that share no storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     metadata = {"format": "pt", "model": model_name, "source": src.name}
-    _write_atomic(save(tensors, metadata=metadata), dst)
+    # engine.checkpoint's atomic writer (temp file, fsync, read-back check, rename);
+    # imported here because acmix.engine imports acmix.models at load time.
+    from acmix.engine.checkpoint import atomic_write_bytes
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dst, save(tensors, metadata=metadata))
     return tensors
