@@ -488,10 +488,13 @@ void backward_impl(const T* go, T go_scale, const T* qkv, const T* fc, const T* 
   }
 }
 
-Geom check_args(const at::Tensor& qkv, const at::Tensor& fc_w, const c10::optional<at::Tensor>& fc_b,
-                const at::Tensor& dep_w, int64_t stride) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 4 && qkv.is_contiguous(),
-              "conv_path_cpu: qkv must be a contiguous CPU (B, 3C, H, W) tensor");
+// Checks of the weights shared by both layouts (qkv has `channels` = 3C channels).
+struct WeightDims {
+  int64_t K2, M, k, d;
+};
+
+WeightDims check_weights(const at::Tensor& qkv, int64_t channels, const at::Tensor& fc_w,
+                         const c10::optional<at::Tensor>& fc_b, const at::Tensor& dep_w) {
   TORCH_CHECK(fc_w.dim() == 2 && fc_w.is_contiguous() && fc_w.scalar_type() == qkv.scalar_type(),
               "conv_path_cpu: fc weight must be a contiguous (K2, 3N) tensor of qkv's dtype");
   TORCH_CHECK(dep_w.dim() == 4 && dep_w.is_contiguous() && dep_w.scalar_type() == qkv.scalar_type(),
@@ -499,14 +502,22 @@ Geom check_args(const at::Tensor& qkv, const at::Tensor& fc_w, const c10::option
   const int64_t K2 = fc_w.size(0), M = fc_w.size(1), k = dep_w.size(2);
   TORCH_CHECK(dep_w.size(1) == K2 && dep_w.size(3) == k && k % 2 == 1 && K2 == k * k,
               "conv_path_cpu: grouped-conv weight must be (C_out, k*k, k, k) with odd k");
-  TORCH_CHECK(qkv.size(1) % M == 0, "conv_path_cpu: qkv channels not divisible by 3N");
-  const int64_t d = qkv.size(1) / M;
+  TORCH_CHECK(channels % M == 0, "conv_path_cpu: qkv channels not divisible by 3N");
+  const int64_t d = channels / M;
   TORCH_CHECK(dep_w.size(0) % d == 0, "conv_path_cpu: C_out not divisible by d");
-  TORCH_CHECK(stride >= 1, "conv_path_cpu: stride must be >= 1");
   if (fc_b.has_value())
     TORCH_CHECK(fc_b->numel() == K2 && fc_b->is_contiguous() && fc_b->scalar_type() == qkv.scalar_type(),
                 "conv_path_cpu: fc bias must be a contiguous (K2,) tensor");
-  return Geom(qkv, K2, k, stride, dep_w.size(0), M);
+  return {K2, M, k, d};
+}
+
+Geom check_args(const at::Tensor& qkv, const at::Tensor& fc_w, const c10::optional<at::Tensor>& fc_b,
+                const at::Tensor& dep_w, int64_t stride) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 4 && qkv.is_contiguous(),
+              "conv_path_cpu: qkv must be a contiguous CPU (B, 3C, H, W) tensor");
+  const WeightDims w = check_weights(qkv, qkv.size(1), fc_w, fc_b, dep_w);
+  TORCH_CHECK(stride >= 1, "conv_path_cpu: stride must be >= 1");
+  return Geom(qkv, w.K2, w.k, stride, dep_w.size(0), w.M);
 }
 
 // The conv path's output, or with mix_into given, mix_into = alpha * mix_into +
@@ -944,27 +955,16 @@ ClGeom cl_geometry(const at::Tensor& qkv, const at::Tensor& fc_w,
                    const c10::optional<at::Tensor>& fc_b, const at::Tensor& dep_w) {
   TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 4 && qkv.is_contiguous(),
               "conv_path_cpu: qkv must be a contiguous CPU (B, H, W, 3C) tensor");
-  TORCH_CHECK(fc_w.dim() == 2 && fc_w.is_contiguous() && fc_w.scalar_type() == qkv.scalar_type(),
-              "conv_path_cpu: fc weight must be a contiguous (K2, 3N) tensor of qkv's dtype");
-  TORCH_CHECK(dep_w.dim() == 4 && dep_w.scalar_type() == qkv.scalar_type(),
-              "conv_path_cpu: grouped-conv weight must be (C_out, K2, k, k) of qkv's dtype");
+  const WeightDims w = check_weights(qkv, qkv.size(3), fc_w, fc_b, dep_w);
   ClGeom g;
   g.B = qkv.size(0);
   g.H = qkv.size(1);
   g.W = qkv.size(2);
-  g.K2 = fc_w.size(0);
-  g.M = fc_w.size(1);
-  g.k = dep_w.size(2);
-  TORCH_CHECK(g.k % 2 == 1 && dep_w.size(3) == g.k && dep_w.size(1) == g.K2 && g.K2 == g.k * g.k,
-              "conv_path_cpu: grouped-conv weight must be (C_out, k*k, k, k) with odd k");
-  TORCH_CHECK(qkv.size(3) % g.M == 0, "conv_path_cpu: qkv channels not divisible by 3N");
-  g.d = qkv.size(3) / g.M;
+  g.K2 = w.K2;
+  g.M = w.M;
+  g.k = w.k;
+  g.d = w.d;
   g.Cout = dep_w.size(0);
-  TORCH_CHECK(g.Cout % g.d == 0, "conv_path_cpu: C_out not divisible by d");
-  if (fc_b.has_value())
-    TORCH_CHECK(fc_b->numel() == g.K2 && fc_b->is_contiguous() &&
-                    fc_b->scalar_type() == qkv.scalar_type(),
-                "conv_path_cpu: fc bias must be a contiguous (K2,) tensor");
   g.Cpg = g.Cout / g.d;
   g.r = g.k / 2;
   const int64_t V = qkv.scalar_type() == at::kDouble ? kLanes<double> : kLanes<float>;
