@@ -197,6 +197,7 @@ template <typename T>
 struct Workspace {
   int64_t H, W, d, K2, r, Wp, Hp;
   int64_t R;      // query rows per block
+  int64_t advance;  // rows from one block to the next
   int64_t slack;  // lanes of slack after every channel (tiles overrun n by < V)
   int64_t M;      // margin before / after a weight row: the largest window offset, rounded
   int64_t sq;     // channel stride of query-layout planes (H rows of Wp) plus slack
@@ -209,17 +210,18 @@ struct Workspace {
   std::vector<T>& k;
   std::vector<T>& v;
 
-  Workspace(const Geometry& g, bool strided_forward)
+  explicit Workspace(const Geometry& g)
       : H(g.H), W(g.W), d(g.d), K2(g.kernel * g.kernel), r(g.r), q(scratch<T>(0, 0)),
         k(scratch<T>(1, 0)), v(scratch<T>(2, 0)) {
     constexpr int64_t V = kLanes<T>;
     Wp = W + 2 * r;
     Hp = H + 2 * r;
-    // Keep a block's K2 weight rows within ~256 KiB (one row when the forward
-    // only wants every stride-th row).
-    R = strided_forward ? 1
-                        : std::max<int64_t>(
-                              1, std::min<int64_t>(H, (int64_t(1) << 16) / (K2 * Wp)));
+    // Keep a block's K2 weight rows within ~256 KiB. Strided: one block per
+    // query row (only every stride-th row has queries).
+    R = g.stride > 1
+            ? 1
+            : std::max<int64_t>(1, std::min<int64_t>(H, (int64_t(1) << 16) / (K2 * Wp)));
+    advance = g.stride > 1 ? g.stride : R;
     slack = 4 * V + 2 * r;
     M = round_up((g.kernel - 1) * Wp + (g.kernel - 1), V);
     sq = round_up(H * Wp + slack, V);
@@ -314,9 +316,8 @@ void block_logits(Workspace<T>& S, const Geometry& g, int64_t i0, int64_t i1, in
 template <typename T>
 void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T* out, T* lse) {
   const int64_t HW = g.H * g.W;
-  const bool strided = g.stride > 1;
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
-    Workspace<T> S(g, strided);
+    Workspace<T> S(g);
     constexpr int64_t V = kLanes<T>;
     const int64_t Wp = S.Wp, K2 = S.K2, nmax = round_up(S.R * Wp, V) + V;
     std::vector<T>& Lbuf = scratch<T>(3, K2 * S.sL);
@@ -326,10 +327,9 @@ void forward_plane_loop(const T* qkv, const T* pe, const Geometry& g, T scale, T
     std::vector<const T*> ptr(K2), wptr(K2);
     T* L = Lbuf.data() + S.M;
     for (int64_t p = 0; p < K2; ++p) wptr[p] = L + p * S.sL;
-    const int64_t advance = strided ? g.stride : S.R;
     for (int64_t bn = begin; bn < end; ++bn) {
       build_planes(qkv, pe, g, bn, scale, S);
-      for (int64_t i0 = 0; i0 < g.H; i0 += advance) {
+      for (int64_t i0 = 0; i0 < g.H; i0 += S.advance) {
         const int64_t i1 = std::min(g.H, i0 + S.R), n = (i1 - i0) * Wp, nr = round_up(n, V);
         block_logits(S, g, i0, i1, nr, L, ptr);
         // Softmax over p, vectorised over the block.
@@ -382,12 +382,10 @@ double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T
   std::vector<double> dsum(at::get_num_threads(), 0.0);
   at::parallel_for(0, g.B * g.N, 1, [&](int64_t begin, int64_t end) {
     double& dsum_thread = dsum[at::get_thread_num()];
-    // Strided: one block per query row (the rows between have no queries).
-    const bool strided = g.stride > 1;
-    Workspace<T> S(g, strided);
+    const bool strided = g.stride > 1;  // one block per query row (see Workspace)
+    Workspace<T> S(g);
     constexpr int64_t V = kLanes<T>;
     const int64_t Wp = S.Wp, K2 = S.K2, M = S.M, nmax = round_up(S.R * Wp, V) + V;
-    const int64_t advance = strided ? g.stride : S.R;
     // Padded-key-layout gradients, query-layout gradient and output gradient (the
     // latter with the same front margin as the queries).
     std::vector<T>& gk = scratch<T>(3, g.d * S.sk);
@@ -414,7 +412,7 @@ double backward_plane_loop(const T* grad_out, const T* qkv, const T* pe, const T
           T* dst = go + c * S.sq + io * g.stride * Wp;
           for (int64_t jo = 0; jo < g.Wo; ++jo) dst[jo * g.stride] = src[jo];
         }
-      for (int64_t i0 = 0; i0 < g.H; i0 += advance) {
+      for (int64_t i0 = 0; i0 < g.H; i0 += S.advance) {
         const int64_t i1 = std::min(g.H, i0 + S.R), n = (i1 - i0) * Wp, nr = round_up(n, V);
         const int64_t base = i0 * Wp;
         block_logits(S, g, i0, i1, nr, A, ptr);

@@ -273,8 +273,10 @@ def fused_conv_path_applies(qkv: torch.Tensor, stride: int = 1) -> bool:
 
     Both kernels have a backward.
 
-    The kernels do the same multiply-adds as the PyTorch path (fc einsum +
-    grouped conv), in one pass, without materialising the ``K2 * d`` fc maps.
+    The kernels do the PyTorch path's multiply-adds (fc einsum + grouped conv)
+    in one pass, without materialising the ``K2 * d`` fc maps; the
+    channels-last one also recomputes fc on the ``k // 2`` halo rows above and
+    below each block of rows it works on.
     """
     if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64):
         return False
