@@ -7,7 +7,7 @@ from acmix.layers.attention import (
     local_attention,
     local_attention_reference,
 )
-from acmix.layers.checks import PADDING_MODES, resolve_padding
+from acmix.utils.checks import PADDING_MODES, resolve_padding
 from acmix.layers.factory import MIXERS, create_mixer
 from acmix.layers.functional import (
     SHIFT_MODES,

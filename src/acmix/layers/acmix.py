@@ -22,7 +22,7 @@ from torch import nn
 
 from acmix.layers._cpp import CppACmixStage2
 from acmix.layers.attention import ATTN_WEIGHTS, BACKENDS, cpu_kernel_applies, local_attention_qkv
-from acmix.layers.checks import (
+from acmix.utils.checks import (
     check_channels,
     check_choice,
     check_float_tensor,

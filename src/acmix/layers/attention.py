@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from acmix.layers._cpp import CppLocalAttention, cpu_kernel
-from acmix.layers.checks import check_choice, check_odd_kernel, check_positive_int
+from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
 from acmix.layers.functional import out_size, window_view
 
 Backend = Literal["auto", "cpp", "shift", "reference"]

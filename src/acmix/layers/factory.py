@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from acmix.layers.acmix import ACmix
-from acmix.layers.checks import check_choice
+from acmix.utils.checks import check_choice
 
 MIXERS: tuple[str, ...] = ("acmix", "conv", "attn")
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from acmix.layers._cpp import CppConvPath, CppConvPathCL, conv_path_kernel
-from acmix.layers.checks import check_odd_kernel, check_positive_int
+from acmix.utils.checks import check_odd_kernel, check_positive_int
 
 ShiftMode = Literal["learnable", "fixed", "tensor"]
 SHIFT_MODES: tuple[str, ...] = ("learnable", "fixed", "tensor")

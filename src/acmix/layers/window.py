@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from acmix.layers.acmix import INITS, ACmixBase
-from acmix.layers.checks import (
+from acmix.utils.checks import (
     check_channels,
     check_choice,
     check_float_tensor,

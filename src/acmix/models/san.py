@@ -94,7 +94,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from acmix.layers import ACmixBase, resolve_padding
-from acmix.layers.checks import check_choice, check_odd_kernel, check_positive_int
+from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
 from acmix.models._common import check_image_input, no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 

@@ -65,7 +65,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import WindowACmix, relative_position_index
-from acmix.layers.checks import check_choice, check_positive_int
+from acmix.utils.checks import check_choice, check_positive_int
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 
 __all__ = [
