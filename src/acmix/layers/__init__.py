@@ -7,7 +7,6 @@ from acmix.layers.attention import (
     local_attention,
     local_attention_reference,
 )
-from acmix.utils.checks import PADDING_MODES, resolve_padding
 from acmix.layers.factory import MIXERS, create_mixer
 from acmix.layers.functional import (
     SHIFT_MODES,
@@ -31,6 +30,7 @@ from acmix.layers.window import (
     window_partition,
     window_reverse,
 )
+from acmix.utils.checks import PADDING_MODES, resolve_padding
 
 __all__ = [
     "ATTN_WEIGHTS",

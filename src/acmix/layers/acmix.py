@@ -22,16 +22,6 @@ from torch import nn
 
 from acmix.layers._cpp import CppACmixStage2
 from acmix.layers.attention import ATTN_WEIGHTS, BACKENDS, cpu_kernel_applies, local_attention_qkv
-from acmix.utils.checks import (
-    check_channels,
-    check_choice,
-    check_float_tensor,
-    check_heads,
-    check_odd_kernel,
-    check_padding_mode,
-    check_positive_int,
-    resolve_padding,
-)
 from acmix.layers.functional import (
     SHIFT_MODES,
     acmix_mix,
@@ -41,6 +31,16 @@ from acmix.layers.functional import (
     out_size,
     position_grid,
     shift_kernel,
+)
+from acmix.utils.checks import (
+    check_channels,
+    check_choice,
+    check_float_tensor,
+    check_heads,
+    check_odd_kernel,
+    check_padding_mode,
+    check_positive_int,
+    resolve_padding,
 )
 
 INITS: tuple[str, ...] = ("paper", "official")

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from acmix.layers._cpp import CppLocalAttention, cpu_kernel
-from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
 from acmix.layers.functional import out_size, window_view
+from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
 
 Backend = Literal["auto", "cpp", "shift", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "cpp", "shift", "reference")

@@ -67,9 +67,9 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from acmix.layers import ACmixBase
-from acmix.utils.checks import check_choice, check_heads, check_positive_int
 from acmix.models._common import check_image_input, no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
+from acmix.utils.checks import check_choice, check_heads, check_positive_int
 
 __all__ = [
     "PVT_ATTN_BACKENDS",

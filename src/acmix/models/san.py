@@ -94,9 +94,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from acmix.layers import ACmixBase, resolve_padding
-from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
 from acmix.models._common import check_image_input, no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
+from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
 
 __all__ = [
     "SAM_BACKENDS",

@@ -65,8 +65,8 @@ from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import WindowACmix, relative_position_index
-from acmix.utils.checks import check_choice, check_positive_int
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
+from acmix.utils.checks import check_choice, check_positive_int
 
 __all__ = [
     "MIXER_PATHS",

@@ -30,9 +30,9 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from acmix.layers import MIXERS, ACmixBase, create_mixer
-from acmix.utils.checks import check_choice, check_positive_int
 from acmix.models._common import no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
+from acmix.utils.checks import check_choice, check_positive_int
 
 __all__ = ["NORMS", "TinyBlock", "TinyNet"]
 
