@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from acmix.layers import ACmixBase
+from acmix.utils.io import CheckpointError, load_checkpoint_file, unwrap_state_dict
 
 __all__ = [
     "LayerRates",
@@ -41,8 +42,8 @@ class LayerRates:
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load weights safely: safetensors, or ``torch.load(weights_only=True)``.
 
-    Reads with :func:`acmix.models.convert.load_checkpoint_file` and unwraps with
-    :func:`~acmix.models.convert.unwrap_state_dict` (``{"model": ...}`` /
+    Reads with :func:`acmix.utils.io.load_checkpoint_file` and unwraps with
+    :func:`~acmix.utils.io.unwrap_state_dict` (``{"model": ...}`` /
     ``{"state_dict": ...}``, ``module.`` prefixes); a file holding only
     ``{"model_ema": ...}`` gives the EMA weights.
 
@@ -50,8 +51,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         FileNotFoundError: no such file.
         ValueError: not a readable checkpoint (names the path).
     """
-    from acmix.models.convert import CheckpointError, load_checkpoint_file, unwrap_state_dict
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")

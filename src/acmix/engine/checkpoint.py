@@ -7,9 +7,10 @@ A checkpoint at global step ``N`` in ``DIR`` is three files::
     DIR/ckpt-0000000N.json          manifest: sizes and SHA-256 of both, step, metrics, config
 
 and the tags ``DIR/last.json`` / ``DIR/best.json`` are copies of a manifest.
-Every file is written to a temporary name in ``DIR``, flushed with
-``fsync``, read back and checked against its hash, then renamed over its
-target with ``os.replace`` (atomic on POSIX), and the directory is synced. A
+Every file is written by :func:`acmix.utils.io.atomic_write_bytes`: to a
+temporary name in ``DIR``, flushed with ``fsync``, read back and checked
+against its hash, then renamed over its target with ``os.replace`` (atomic on
+POSIX), and the directory is synced. A
 tag is rewritten only after its checkpoint's files are complete, so a crash
 or a full disk at any moment leaves the previous good ``last`` in place.
 
@@ -28,7 +29,6 @@ import json
 import os
 import pickle
 import random
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from acmix.utils.io import CheckpointError, atomic_write_bytes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -56,10 +58,6 @@ __all__ = [
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated, corrupt or not ours (the message names the file)."""
-
-
 @dataclass
 class Checkpoint:
     """A loaded checkpoint.
@@ -75,51 +73,6 @@ class Checkpoint:
     state: dict[str, Any] | None
     manifest: dict[str, Any]
     path: Path
-
-
-# -- atomic files -----------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically: temp file + fsync + verify + ``os.replace``.
-
-    Returns:
-        The SHA-256 hex digest of ``data``.
-
-    Raises:
-        CheckpointError: the bytes read back differ (the target is untouched).
-        OSError: the write failed (the target is untouched; the temp file is removed).
-    """
-    path = Path(path)
-    digest = hashlib.sha256(data).hexdigest()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != digest:
-                raise CheckpointError(f"{tmp}: bytes read back differ from those written")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return digest
 
 
 # -- RNG state (tensors and plain values only) ------------------------------------------------

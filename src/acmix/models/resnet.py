@@ -45,8 +45,8 @@ from torch import nn
 from acmix.layers import INITS, MIXERS, ACmix, ACmixBase, create_mixer
 from acmix.models._common import no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
-from acmix.models.convert import check_shapes, unwrap_state_dict
 from acmix.utils.checks import check_choice, check_positive_int
+from acmix.utils.io import check_shapes, unwrap_state_dict
 
 __all__ = ["Bottleneck", "ResNet", "checkpoint_filter_fn"]
 

@@ -67,6 +67,7 @@ from torch import nn
 from acmix.layers import WindowACmix, relative_position_index
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
+from acmix.utils.io import load_checkpoint_file, unwrap_checkpoint, unwrap_state_dict
 
 __all__ = [
     "MIXER_PATHS",
@@ -674,36 +675,12 @@ class SwinTransformer(nn.Module):
         RGB patch embedding is adapted to ``in_chans`` as timm does. Every other
         key must be present with the right shape.
         """
-        state_dict = _read_checkpoint(checkpoint_path)
-        state_dict = dict(_unwrap(state_dict))
-        for key in ("patch_embed.proj.weight", "module.patch_embed.proj.weight"):
-            w = state_dict.get(key)
-            if w is not None and w.ndim == 4 and w.shape[1] != self.in_chans:
-                state_dict[key] = adapt_input_conv(self.in_chans, w)
+        # acmix.utils.io: safe reading (no code from the file runs), unwrapping, prefixes.
+        state_dict = unwrap_state_dict(load_checkpoint_file(checkpoint_path))
+        w = state_dict.get("patch_embed.proj.weight")
+        if w is not None and w.ndim == 4 and w.shape[1] != self.in_chans:
+            state_dict["patch_embed.proj.weight"] = adapt_input_conv(self.in_chans, w)
         self.load_state_dict(checkpoint_filter_fn(state_dict, self, drop_mismatched_head=True))
-
-
-def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} is not a checkpoint: expected a dict, got {type(obj).__name__}")
-    return obj
-
-
-def _unwrap(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``{'model': sd}`` / ``{'state_dict': sd}`` / ``sd`` -> ``sd``."""
-    for key in ("model", "state_dict"):
-        inner = state_dict.get(key)
-        if isinstance(inner, dict):
-            return inner
-    return state_dict
 
 
 def checkpoint_filter_fn(
@@ -736,7 +713,7 @@ def checkpoint_filter_fn(
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"expected a state dict, got {type(state_dict).__name__}")
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_checkpoint(state_dict)
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []

@@ -1,0 +1,241 @@
+"""File I/O every layer shares: atomic writes, safe checkpoint reading, state-dict hygiene.
+
+* :func:`atomic_write_bytes`: temp file in the target's directory, ``fsync``,
+  read-back check, ``os.replace`` (atomic on POSIX), directory ``fsync``.
+* :func:`load_checkpoint_file`: a ``.safetensors`` file, or anything else
+  with ``torch.load(weights_only=True)``; no code from the file ever runs.
+* :func:`unwrap_state_dict`: a clean ``{key: tensor}`` from a training
+  checkpoint (``{'state_dict': ...}`` / ``{'model': ...}``, ``module.`` /
+  ``_orig_mod.`` prefixes), and :func:`check_shapes` against a model's.
+
+Every failure to read or fit a checkpoint is the one :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_shapes",
+    "load_checkpoint_file",
+    "strip_wrapper_prefix",
+    "unwrap_checkpoint",
+    "unwrap_state_dict",
+]
+
+
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt, not ours or does not fit the model.
+
+    The message names the file. It is both a ``ValueError`` (bad data; what
+    :mod:`acmix.models.convert` raised) and a ``RuntimeError`` (what
+    :mod:`acmix.engine.checkpoint` raised), so ``except`` clauses written for
+    either keep catching it.
+    """
+
+
+# -- atomic files -----------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically: temp file + fsync + verify + ``os.replace``.
+
+    Args:
+        path: the target file; its directory must exist.
+        data: the bytes to write.
+
+    Returns:
+        The SHA-256 hex digest of ``data``.
+
+    Raises:
+        CheckpointError: the bytes read back differ (the target is untouched).
+        OSError: the write failed (the target is untouched; the temp file is removed).
+    """
+    path = Path(path)
+    digest = hashlib.sha256(data).hexdigest()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != digest:
+                raise CheckpointError(f"{tmp}: bytes read back differ from those written")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return digest
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8; returns its SHA-256."""
+    return atomic_write_bytes(path, text.encode())
+
+
+# -- reading checkpoints ----------------------------------------------------------------------
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """Load a checkpoint without executing code from it.
+
+    ``*.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only).
+
+    Args:
+        path: the file.
+
+    Returns:
+        What the file holds (a state dict or a training checkpoint dict), on CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file cannot be read as a checkpoint (truncated,
+            corrupt, not a checkpoint, or holding pickled objects beyond tensors).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint (expected a PyTorch .pth/.pt state dict "
+            f"or a .safetensors file; truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint: {type(e).__name__}: {e}"
+        ) from e
+
+
+_WRAPPER_KEYS = ("state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefix(key: str) -> str:
+    """Strip ``module.`` ((Distributed)DataParallel) and ``_orig_mod.`` (torch.compile).
+
+    Args:
+        key: a state-dict key.
+
+    Returns:
+        ``key`` without any leading wrapper prefixes.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def unwrap_checkpoint(checkpoint: Any) -> Any:
+    """The state dict inside a training checkpoint, unchecked.
+
+    Follows ``{'state_dict': sd, ...}`` / ``{'model': sd, ...}`` as long as the
+    entry is a mapping; anything else is returned as it is.
+
+    Args:
+        checkpoint: a state dict, a training checkpoint, or anything a file held.
+
+    Returns:
+        The innermost wrapped mapping (``checkpoint`` itself when nothing wraps it).
+    """
+    sd = checkpoint
+    while isinstance(sd, Mapping):
+        inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+        if inner is None:
+            break
+        sd = inner
+    return sd
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A clean ``{key: tensor}`` state dict from a state dict or a training checkpoint.
+
+    Unwraps ``{'state_dict': sd, ...}`` / ``{'model': sd, ...}`` (the authors'
+    ResNet training saves ``{'epoch', 'arch', 'state_dict', 'best_acc1' (a
+    tensor), 'optimizer', 'scheduler'}``, their Swin training ``{'model', ...}``;
+    a state dict itself never maps those names to a dict) and strips the
+    ``module.`` / ``_orig_mod.`` wrapper prefixes, as timm's loader does.
+
+    Args:
+        checkpoint: what :func:`load_checkpoint_file` returned.
+
+    Returns:
+        The state dict, keys without wrapper prefixes.
+
+    Raises:
+        ValueError: the result is empty or holds something other than tensors.
+    """
+    sd = unwrap_checkpoint(checkpoint)
+    if not isinstance(sd, Mapping) or not sd:
+        keys = list(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint)
+        raise ValueError(
+            "not a state dict: expected {name: tensor} or a training checkpoint with a "
+            f"'state_dict' or 'model' entry, got {keys}"
+        )
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"not a state dict: entries {bad[:8]} are not tensors")
+    return {strip_wrapper_prefix(k): v for k, v in sd.items()}
+
+
+def check_shapes(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    skip: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """Raise ``ValueError`` naming every key whose shape differs between the two dicts.
+
+    Keys present in only one of them are ignored (``load_state_dict`` reports those).
+
+    Args:
+        state_dict: the checkpoint's tensors.
+        expected: the model's (``model.state_dict()``; meta tensors are fine).
+        skip: keys for which a different shape is allowed (e.g. a new classifier).
+
+    Raises:
+        ValueError: one line per wrongly shaped key.
+    """
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and not skip(k) and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} checkpoint tensor(s) have the wrong shape for this model "
+            "(wrong variant or architecture kwargs?):\n  " + "\n  ".join(bad)
+        )
