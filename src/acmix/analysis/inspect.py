@@ -22,6 +22,8 @@ __all__ = [
     "LayerRates",
     "format_rates",
     "load_state_dict_file",
+    "mix_layers",
+    "mix_weights",
     "path_contributions",
     "plot_rates",
     "rates_from_state_dict",
@@ -79,6 +81,45 @@ def rates_from_state_dict(sd: dict[str, torch.Tensor]) -> list[LayerRates]:
     return out
 
 
+def mix_layers(model: nn.Module) -> list[tuple[str, ACmixBase]]:
+    """The ACmix layers of ``model`` that mix two paths (``rate1`` and ``rate2`` both set).
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``(qualified name, layer)`` pairs in :meth:`~torch.nn.Module.named_modules` order.
+    """
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, ACmixBase)
+        and isinstance(getattr(m, "rate1", None), torch.Tensor)
+        and isinstance(getattr(m, "rate2", None), torch.Tensor)
+    ]
+
+
+def mix_weights(model: nn.Module) -> list[LayerRates]:
+    """α (``rate1``, attention) and β (``rate2``, convolution) of every ACmix layer of ``model``.
+
+    The one reader of a live model's mix weights (the training logs use it
+    too, :func:`acmix.engine.metrics.alpha_beta`); a tensor-valued rate is
+    reported as its mean.
+
+    Args:
+        model: any module.
+
+    Returns:
+        One :class:`LayerRates` per layer of :func:`mix_layers`, without magnitudes.
+    """
+    return [
+        LayerRates(
+            name, float(m.rate1.detach().float().mean()), float(m.rate2.detach().float().mean())
+        )
+        for name, m in mix_layers(model)
+    ]
+
+
 @torch.no_grad()
 def path_contributions(model: nn.Module, images: torch.Tensor) -> list[LayerRates]:
     """Run ``images`` through ``model`` and measure each ACmix layer's two paths.
@@ -92,18 +133,17 @@ def path_contributions(model: nn.Module, images: torch.Tensor) -> list[LayerRate
     """
     records: dict[str, LayerRates] = {}
     originals = {}
-    for name, m in model.named_modules():
-        if isinstance(m, ACmixBase) and m.rate1 is not None and m.rate2 is not None:
-            originals[name] = m
+    for name, m in mix_layers(model):
+        originals[name] = m
 
-            def mix(att, conv, m=m, name=name):
-                a = (m.rate1 * att).abs().mean().item()
-                c = (m.rate2 * conv).abs().mean().item()
-                records[name] = LayerRates(name, float(m.rate1), float(m.rate2), a, c)
-                return type(m).mix(m, att, conv)
+        def mix(att, conv, m=m, name=name):
+            a = (m.rate1 * att).abs().mean().item()
+            c = (m.rate2 * conv).abs().mean().item()
+            records[name] = LayerRates(name, float(m.rate1), float(m.rate2), a, c)
+            return type(m).mix(m, att, conv)
 
-            m.mix = mix  # type: ignore[method-assign]
-            m.fuse_stage2 = False  # run the two paths separately so that mix sees them
+        m.mix = mix  # type: ignore[method-assign]
+        m.fuse_stage2 = False  # run the two paths separately so that mix sees them
     was_training = model.training
     try:
         model.eval()

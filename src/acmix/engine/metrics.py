@@ -13,23 +13,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from acmix.layers import ACmixBase
+from acmix.analysis.inspect import mix_weights
 
 __all__ = ["MetricsLogger", "alpha_beta", "plot_alpha_beta", "plot_curves", "read_csv"]
 
 
 def alpha_beta(model: nn.Module) -> dict[str, tuple[float, float]]:
-    """``{layer name: (α, β)}`` of every ACmix layer (``rate1``, ``rate2``) in ``model``."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, ACmixBase):
-            r1, r2 = getattr(m, "rate1", None), getattr(m, "rate2", None)
-            if isinstance(r1, torch.Tensor) and isinstance(r2, torch.Tensor):
-                out[name] = (float(r1.detach().float().mean()), float(r2.detach().float().mean()))
-    return out
+    """``{layer name: (α, β)}`` of every ACmix layer (``rate1``, ``rate2``) in ``model``.
+
+    Args:
+        model: any module.
+
+    Returns:
+        :func:`acmix.analysis.inspect.mix_weights` as a mapping.
+    """
+    return {r.layer: (r.alpha, r.beta) for r in mix_weights(model)}
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
