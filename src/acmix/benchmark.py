@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from acmix.analysis.memory import peak_memory
+from acmix.analysis.timing import sync_device, time_fn
 from acmix.layers import ACmix
 
 __all__ = [
@@ -112,35 +111,6 @@ def environment_line() -> str:
     return "environment: " + ", ".join(f"{k}={v}" for k, v in environment().items())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(
-    fn: Callable[[], object],
-    device: torch.device,
-    *,
-    warmup: int = 2,
-    min_reps: int = 3,
-    min_time: float = 0.5,
-) -> float:
-    """Median seconds per call of ``fn`` (at least ``min_reps`` calls and ``min_time`` s)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 50:
-            break
-    return statistics.median(times)
-
-
 @dataclass
 class LayerResult:
     """Timings (seconds) and peak extra memory (bytes) of one layer at one shape."""
@@ -181,7 +151,7 @@ def _measure(
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fwd_bwd()
-        _sync(device)
+        sync_device(device)
         peak_fb = torch.cuda.max_memory_allocated(device) - base
         torch.cuda.reset_peak_memory_stats(device)
         fwd()
@@ -281,8 +251,6 @@ def _model_pairs() -> list[tuple[str, Callable[[], nn.Module], str, Callable[[],
     import timm
     import torchvision
 
-    import acmix.models  # noqa: F401  (registers the models)
-
     return [
         (
             "acmix_resnet50",
@@ -324,7 +292,7 @@ def _measure_model(
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
-        _sync(device)
+        sync_device(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = peak_memory(step)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from acmix.analysis.flops import count_macs, count_params
+from acmix.analysis.timing import time_fn
 from acmix.layers import ACmix, shift_sum
 
 __all__ = [
@@ -133,8 +134,6 @@ ROW_NAMES: dict[str, str] = {
 
 
 def _time_ms(module: nn.Module, x: torch.Tensor) -> float:
-    from acmix.benchmark import time_fn
-
     with torch.no_grad():
         return 1e3 * time_fn(lambda: module(x), x.device, min_time=0.2)
 
