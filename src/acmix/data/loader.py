@@ -30,7 +30,7 @@ from acmix.data.datasets import (
 from acmix.data.transforms import build_eval_transform, build_train_transform
 
 if TYPE_CHECKING:
-    from acmix.engine.config import AugConfig, DataConfig
+    from acmix.data.config import AugConfig, DataConfig
 
 __all__ = [
     "DataBundle",

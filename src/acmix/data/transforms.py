@@ -26,7 +26,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
 if TYPE_CHECKING:
-    from acmix.engine.config import AugConfig
+    from acmix.data.config import AugConfig
 
 __all__ = ["build_eval_transform", "build_mixup", "build_train_transform"]
 

@@ -1,7 +1,8 @@
 """Typed training configuration: nested dataclasses, YAML recipes, ``key=value`` overrides.
 
 A recipe is a YAML mapping with the sections of :class:`Config` (``model``,
-``data``, ``aug``, ``optim``, ``sched``, ``train``); every key must be a field
+``data``, ``aug``, ``optim``, ``sched``, ``train``; ``data`` and ``aug`` are
+:mod:`acmix.data.config`'s, re-exported here); every key must be a field
 of its section, and every value is checked against the field's type. Unknown
 keys are an error naming the key and the known ones. Command-line overrides
 use dotted paths, ``optim.lr=0.05``; values are parsed as YAML
@@ -20,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from acmix.data.config import AugConfig, DataConfig
+from acmix.utils.config import ConfigError, check_config_choice, check_config_range
+
 __all__ = [
     "AugConfig",
     "Config",
@@ -34,21 +38,6 @@ __all__ = [
     "config_to_dict",
     "load_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the configuration (the message names the key)."""
-
-
-def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_range(key: str, value: float, lo: float, hi: float | None = None) -> None:
-    if value < lo or (hi is not None and value > hi):
-        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ConfigError(f"{key} must be {bound}, got {value!r}")
 
 
 @dataclass
@@ -79,123 +68,11 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _check_range("model.drop_path_rate", self.drop_path_rate, 0.0, 0.99)
-        _check_range("model.drop_rate", self.drop_rate, 0.0, 0.99)
+        check_config_range("model.drop_path_rate", self.drop_path_rate, 0.0, 0.99)
+        check_config_range("model.drop_rate", self.drop_rate, 0.0, 0.99)
         for key in ("num_classes", "in_chans"):
             if key in self.kwargs:
                 raise ConfigError(f"model.kwargs.{key} is set from the data; remove it")
-
-
-DATASETS: tuple[str, ...] = ("fashion-mnist", "digits", "folder")
-
-
-@dataclass
-class DataConfig:
-    """The data set and its loaders.
-
-    Attributes:
-        dataset: ``"fashion-mnist"`` (the embedded default, from the Debian
-            package ``dataset-fashion-mnist``), ``"digits"`` (scikit-learn's
-            bundled 8x8 digits) or ``"folder"`` (ImageNet-style
-            ``data_dir/<split>/<class>/*.jpg``).
-        data_dir: the Fashion-MNIST IDX directory (default: the Debian
-            package's) or the image-folder root.
-        train_split: sub-folder of ``data_dir`` with the training images.
-        val_split: sub-folder of ``data_dir`` with the validation images.
-        img_size: model input side; ``None``: the data's own (28 for
-            Fashion-MNIST, 8 for digits, 224 for folders).
-        train_subset: use this many training images (a fixed random subset).
-        val_subset: use this many validation images (``None``: all).
-        batch_size: global batch (all processes together).
-        eval_batch_size: global evaluation batch.
-        workers: data-loader worker processes per training process.
-        check_images: open every image once at start; unreadable ones are
-            skipped and counted (with ``bad_images="skip"``).
-        bad_images: ``"skip"`` (an unreadable image is replaced by the next
-            readable one and reported) or ``"error"``.
-    """
-
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    train_split: str = "train"
-    val_split: str = "val"
-    img_size: int | None = None
-    train_subset: int | None = None
-    val_subset: int | None = None
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    workers: int = 0
-    check_images: bool = False
-    bad_images: str = "skip"
-
-    def __post_init__(self) -> None:
-        _check_choice("data.dataset", self.dataset, DATASETS)
-        _check_choice("data.bad_images", self.bad_images, ("skip", "error"))
-        for key in ("batch_size", "eval_batch_size"):
-            _check_range(f"data.{key}", getattr(self, key), 1)
-        for key in ("img_size", "train_subset", "val_subset"):
-            if getattr(self, key) is not None:
-                _check_range(f"data.{key}", getattr(self, key), 1)
-        _check_range("data.workers", self.workers, 0)
-
-
-@dataclass
-class AugConfig:
-    """Training augmentation (timm's data utilities) and label smoothing.
-
-    Attributes:
-        crop: ``"rrc"`` (random resized crop, the ImageNet recipes), ``"pad"``
-            (pad ``crop_padding`` pixels and crop back: small images) or
-            ``"none"``.
-        crop_padding: padding of ``crop="pad"``.
-        scale: area range of ``crop="rrc"``.
-        ratio: aspect range of ``crop="rrc"``.
-        hflip: horizontal-flip probability.
-        auto_augment: a timm policy string, e.g. ``"rand-m9-mstd0.5-inc1"``
-            (RandAugment, magnitude 9).
-        color_jitter: colour-jitter strength (``None``: off).
-        interpolation: resize interpolation (``"bilinear"``, ``"bicubic"``).
-        crop_pct: evaluation centre-crop fraction (``None``: the model's).
-        re_prob: random-erasing probability.
-        re_mode: random-erasing fill (``"pixel"``, ``"rand"``, ``"const"``).
-        re_count: erased boxes per image.
-        mixup: mixup alpha (0: off).
-        cutmix: cutmix alpha (0: off).
-        mixup_prob: probability of mixing a batch.
-        mixup_switch_prob: probability of cutmix instead of mixup when both are on.
-        label_smoothing: label smoothing of the loss.
-    """
-
-    crop: str = "pad"
-    crop_padding: int = 2
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    auto_augment: str | None = None
-    color_jitter: float | None = None
-    interpolation: str = "bilinear"
-    crop_pct: float | None = None
-    re_prob: float = 0.0
-    re_mode: str = "pixel"
-    re_count: int = 1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_choice("aug.crop", self.crop, ("rrc", "pad", "none"))
-        _check_choice("aug.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest"))
-        _check_choice("aug.re_mode", self.re_mode, ("pixel", "rand", "const"))
-        for key in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
-            _check_range(f"aug.{key}", getattr(self, key), 0.0, 1.0)
-        _check_range("aug.label_smoothing", self.label_smoothing, 0.0, 0.99)
-        _check_range("aug.mixup", self.mixup, 0.0)
-        _check_range("aug.cutmix", self.cutmix, 0.0)
-        _check_range("aug.crop_padding", self.crop_padding, 0)
-        if self.crop_pct is not None:
-            _check_range("aug.crop_pct", self.crop_pct, 0.01, 1.0)
 
 
 @dataclass
@@ -229,13 +106,13 @@ class OptimConfig:
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd", "adamw"))
-        _check_range("optim.lr", self.lr, 0.0)
-        _check_range("optim.weight_decay", self.weight_decay, 0.0)
+        check_config_choice("optim.name", self.name, ("sgd", "adamw"))
+        check_config_range("optim.lr", self.lr, 0.0)
+        check_config_range("optim.weight_decay", self.weight_decay, 0.0)
         if self.lr_base_batch is not None:
-            _check_range("optim.lr_base_batch", self.lr_base_batch, 1)
+            check_config_range("optim.lr_base_batch", self.lr_base_batch, 1)
         if self.grad_clip is not None:
-            _check_range("optim.grad_clip", self.grad_clip, 0.0)
+            check_config_range("optim.grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass
@@ -255,8 +132,8 @@ class SchedConfig:
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("sched.name", self.name, ("cosine", "constant"))
-        _check_range("sched.warmup_epochs", self.warmup_epochs, 0.0)
+        check_config_choice("sched.name", self.name, ("cosine", "constant"))
+        check_config_range("sched.warmup_epochs", self.warmup_epochs, 0.0)
 
 
 @dataclass
@@ -304,16 +181,16 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
-        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        check_config_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        check_config_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         for key in ("epochs", "eval_every", "log_every"):
-            _check_range(f"train.{key}", getattr(self, key), 1)
-        _check_range("train.keep", self.keep, 0)
+            check_config_range(f"train.{key}", getattr(self, key), 1)
+        check_config_range("train.keep", self.keep, 0)
         for key in ("threads", "save_every_steps", "stop_after_steps"):
             if getattr(self, key) is not None:
-                _check_range(f"train.{key}", getattr(self, key), 1)
+                check_config_range(f"train.{key}", getattr(self, key), 1)
         if self.ema_decay is not None:
-            _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+            check_config_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
 
 
 @dataclass
