@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import timm
 
-import acmix  # noqa: F401  (registers the models)
 from acmix.engine.config import (
     Config,
     ConfigError,

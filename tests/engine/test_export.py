@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-import acmix  # noqa: F401  (registers the models)
 from acmix.engine.inference import export_onnx
 
 onnx = pytest.importorskip("onnx")

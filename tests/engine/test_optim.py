@@ -9,7 +9,6 @@ import timm
 import torch
 from torch import nn
 
-import acmix  # noqa: F401  (registers the models)
 from acmix.engine.config import OptimConfig, SchedConfig
 from acmix.engine.evaluate import evaluate
 from acmix.engine.optim import WarmupCosine, build_optimizer, peak_lr

@@ -10,7 +10,6 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-import acmix  # noqa: F401  (registers the models)
 from acmix.cli import main
 from acmix.models import TEST_CONFIGS
 from acmix.models.convert import CheckpointError, convert_checkpoint, find_filter_fn

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-import acmix.models  # noqa: F401  (registers the models with timm)
 from acmix.data.transforms import build_eval_transform
 from acmix.engine.checkpoint import CheckpointError, load_checkpoint
 

@@ -47,7 +47,6 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-import acmix.models  # noqa: F401  (registers the models with timm)
 from acmix.data import TrainBatchSampler, build_data, build_mixup, sample_seed
 from acmix.engine.checkpoint import (
     CheckpointError,
