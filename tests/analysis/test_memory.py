@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from acmix.analysis.memory import peak_memory
-from acmix.layers._cpp import cpu_kernel
+from acmix.ops.cpp import kernel
 
 
 def test_peak_memory_counts_new_storages() -> None:
@@ -34,7 +34,7 @@ def test_peak_memory_is_the_largest_rise() -> None:
 
 def test_peak_memory_sees_allocations_outside_the_dispatcher() -> None:
     """A C++ extension's outputs (made by at::empty inside the kernel) count too."""
-    ext = cpu_kernel()
+    ext = kernel("attention")
     if ext is None:
         pytest.skip("the C++ attention kernel is not available here")
     B, N, d, H = 2, 2, 4, 9

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from acmix.layers import ACmix, ACmixConv2d, create_mixer, shift_sum
-from acmix.layers.functional import conv_path_features
+from acmix.ops import choose_backend, conv_path_features
 from tests.conftest import load_fixture, max_abs, rel_err, requires_cuda
 
 RESNET_CASES = [
@@ -81,7 +81,7 @@ def test_fused_stage2_equals_composed_paths_and_reference(stride, padding_mode, 
     x = torch.randn(2, 16, *hw, dtype=torch.float64)
     g = torch.randn(2, 16, -(-hw[0] // stride), -(-hw[1] // stride), dtype=torch.float64)
     qkv = torch.nn.functional.conv2d(x, *m.qkv_weight())
-    assert m._stage2_fused(qkv, qkv.view(2, 12, 4, *hw))
+    assert choose_backend("acmix_stage2", (qkv,), "auto", stride=stride) == "cpp"
     fused = _fwd_bwd(m, x, g)
     m.fuse_stage2 = False
     composed = _fwd_bwd(m, x, g)

@@ -12,7 +12,7 @@ from acmix.layers import (
     window_partition,
     window_reverse,
 )
-from acmix.layers.functional import fused_conv_path_applies
+from acmix.ops import choose_backend
 from tests.conftest import load_fixture, max_abs, rel_err
 
 CASES = ["05a_swin_window_attention", "05b_swin_window_attention_mask"]
@@ -62,7 +62,7 @@ def test_fixture_parity_inference(fixtures_dir, name, dtype) -> None:
     mask = fx["mask"].to(dtype) if fx["mask"] is not None else None
     heads = m.qkv(x).view(*x.shape[:3], 3 * m.num_heads, -1).permute(0, 3, 4, 1, 2)
     with torch.no_grad():
-        assert fused_conv_path_applies(heads)
+        assert choose_backend("conv_path", (heads,), "auto") == "cpp"
         y = m(x, mask)
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     assert rel_err(y, fx["output"]) <= tol

@@ -1,13 +1,15 @@
 """Parameter and multiply-add (MAC) counting that counts every op we run.
 
 Built on :class:`torch.utils.flop_counter.FlopCounterMode`, which counts
-matmuls, convolutions, einsum/bmm and ``scaled_dot_product_attention`` but
-counts zero for elementwise work. The shift-and-accumulate local attention
-does its dot products and aggregation elementwise, so every module whose
-work is not visible to the dispatcher declares it through an
-``uncounted_macs(inputs, output) -> int`` method; :func:`count_macs` calls it
-from a forward hook. The convention is multiply-adds, as in the ResNet, Swin
-and PVT papers (``FlopCounterMode`` reports 2 FLOPs per MAC).
+matmuls, convolutions, einsum/bmm, ``scaled_dot_product_attention`` and every
+op with a registered formula: the C++ kernels of :mod:`acmix.ops.cpp` register
+theirs. It counts zero for elementwise work, which is how the ``"shift"`` and
+``"reference"`` backends compute the local attention, the patchwise
+aggregation and tensor shift-and-sum; inside
+:func:`acmix.ops.count_elementwise` those ops report their multiply-adds as
+a no-op marker op with a formula, so the counter sees every op, attributed
+to the module that ran it. The convention is multiply-adds, as in the ResNet,
+Swin and PVT papers (``FlopCounterMode`` reports 2 FLOPs per MAC).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from acmix.ops import count_elementwise
 
 __all__ = ["EXTRA_FORMULAS", "MacsReport", "count_macs", "count_params"]
 
@@ -92,28 +96,9 @@ def count_macs(
     elif isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
 
-    extra: dict[str, int] = defaultdict(int)
-    names = {m: n for n, m in model.named_modules()}
-    handles = []
-
-    def hook(module: nn.Module, args: tuple, output: object) -> None:
-        macs = int(module.uncounted_macs(args, output))  # type: ignore[operator]
-        name = names[module]
-        # Credit the module and each of its ancestors (hierarchical totals).
-        parts = name.split(".") if name else []
-        for i in range(len(parts) + 1):
-            extra[".".join(parts[:i])] += macs
-
-    for m in model.modules():
-        if callable(getattr(m, "uncounted_macs", None)):
-            handles.append(m.register_forward_hook(hook))
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
-    try:
-        with counter:
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with count_elementwise(), counter:
+        model(*inputs)
     # FlopCounterMode names modules "<RootClass>.<path>"; "Global" is the total.
     root = type(model).__name__
     by_module: dict[str, int] = defaultdict(int)
@@ -122,6 +107,4 @@ def count_macs(
             continue  # same as "Global"
         name = "" if key == "Global" else key.removeprefix(root + ".")
         by_module[name] += sum(ops.values()) // 2
-    for name, macs in extra.items():
-        by_module[name] += macs
     return MacsReport(total=by_module.get("", 0), by_module=dict(by_module))

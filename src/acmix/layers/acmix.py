@@ -1,4 +1,4 @@
-"""ACmix modules: thin owners of parameters over :mod:`acmix.layers.functional`.
+"""ACmix modules: thin owners of parameters over :mod:`acmix.ops`.
 
 * :class:`ACmixBase` owns what every ACmix variant shares: the convolution
   path (``fc`` + shift-aggregation ``dep_conv``) and the mix weights
@@ -20,15 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from acmix.layers._cpp import CppACmixStage2
-from acmix.layers.attention import ATTN_WEIGHTS, BACKENDS, cpu_kernel_applies, local_attention_qkv
-from acmix.layers.functional import (
+from acmix.ops import (
+    ATTN_WEIGHTS,
+    BACKENDS,
     SHIFT_MODES,
     acmix_mix,
-    conv_kernel_weights,
+    acmix_stage2,
     conv_path,
-    fused_conv_path_applies,
-    out_size,
+    local_attention_qkv,
     position_grid,
     shift_kernel,
 )
@@ -72,9 +71,12 @@ class ACmixBase(nn.Module):
             The single-path forms are the ablations and baselines of the paper.
     """
 
-    #: Let layers run stage II as one fused CPU node where the kernels apply (the
-    #: result is the same; False runs the two paths and :meth:`mix` separately).
+    #: Let layers run stage II as one op (:func:`acmix.ops.acmix_stage2`, one fused
+    #: node where the kernels apply; the result is the same). False runs the two
+    #: paths and :meth:`mix` separately, e.g. so that a hook on ``mix`` sees both.
     fuse_stage2: bool = True
+    #: Backend of every op the layer runs (one of :data:`acmix.ops.BACKENDS`).
+    backend: str = "auto"
 
     def __init__(
         self,
@@ -102,7 +104,6 @@ class ACmixBase(nn.Module):
         self.dep_conv: nn.Conv2d | None = None
         self.rate1: nn.Parameter | None = None
         self.rate2: nn.Parameter | None = None
-        self._fused_conv_macs = 0  # set by forward_conv_path, read by uncounted_macs
         if not self.use_conv:
             return
         # fc: 3N head groups -> K2 maps (a 1x1 conv, as the authors store it).
@@ -151,8 +152,6 @@ class ACmixBase(nn.Module):
         """
         if self.fc is None:
             return None
-        use_kernel = getattr(self, "backend", "auto") in ("auto", "cpp")
-        self._record_fused_conv_macs(qkv, use_kernel)
         return conv_path(
             qkv,
             self.fc.weight,
@@ -162,22 +161,8 @@ class ACmixBase(nn.Module):
             self.out_planes,
             self.stride,
             self.shift_mode,
-            use_kernel,
+            self.backend,
         )
-
-    def _record_fused_conv_macs(self, qkv: torch.Tensor, use_kernel: bool = True) -> None:
-        """Record the multiply-adds the fused CPU conv path does out of the counter's sight.
-
-        The same fc + grouped-conv multiply-adds the PyTorch path shows the
-        counter; :meth:`uncounted_macs` reports them (0 where the kernel does not run).
-        """
-        if use_kernel and self.shift_mode != "tensor" and fused_conv_path_applies(qkv, self.stride):
-            B, M, d, H, W = qkv.shape
-            Ho, Wo = out_size(H, self.stride), out_size(W, self.stride)
-            K2 = self.kernel_conv**2
-            self._fused_conv_macs = B * d * K2 * M * H * W + B * self.out_planes * K2 * K2 * Ho * Wo
-        elif self._fused_conv_macs:
-            self._fused_conv_macs = 0
 
     def mix(self, att: torch.Tensor | None, conv: torch.Tensor | None) -> torch.Tensor:
         """``rate1 * att + rate2 * conv``; a single-path layer returns its one path."""
@@ -187,18 +172,6 @@ class ACmixBase(nn.Module):
             return out
         assert self.rate1 is not None and self.rate2 is not None
         return acmix_mix(att, conv, self.rate1, self.rate2)
-
-    def uncounted_macs(self, inputs: tuple, output: torch.Tensor) -> int:
-        """MACs the dispatcher-level counter cannot see (see :mod:`acmix.analysis`).
-
-        The tensor-shift conv path sums ``k_c**2`` shifted maps per output
-        element elementwise: ``k_c**2 * C_out * H' * W'`` per image. The fused
-        CPU conv path does the fc and grouped-conv multiply-adds in C++; the
-        last forward records them.
-        """
-        if self.use_conv and self.shift_mode == "tensor":
-            return self.kernel_conv**2 * output.numel()
-        return self._fused_conv_macs
 
 
 class ACmix(ACmixBase):
@@ -232,8 +205,8 @@ class ACmix(ACmixBase):
             ``"official"`` (what the authors' ResNet ends up with: its global
             Kaiming-normal fan-out init overwrites every conv of the layer,
             the shift kernels included).
-        backend: attention backend, ``"auto"``, ``"shift"`` or ``"reference"``
-            (see :func:`acmix.layers.local_attention`).
+        backend: the backend of every op the layer runs, one of
+            :data:`acmix.ops.BACKENDS` (see :func:`acmix.ops.choose_backend`).
         mlp_hidden: hidden width of the MLP weighting (default ``d``).
         paths: ``"both"`` (ACmix, default), ``"attn"`` (local self-attention
             only: the SASA-style baseline) or ``"conv"`` (convolution path only).
@@ -313,24 +286,6 @@ class ACmix(ACmixBase):
             f"attn_weight={self.attn_weight!r}, padding_mode={self.padding_mode!r}"
         )
 
-    def uncounted_macs(self, inputs: tuple, output: torch.Tensor) -> int:
-        """Attention-path MACs done elementwise (invisible to ``FlopCounterMode``).
-
-        Dot-product weighting: ``k_a**2 * d`` for the logits plus ``k_a**2 * d``
-        for the aggregation, per head and output pixel, i.e.
-        ``2 * k_a**2 * C_out * H' * W'`` per image. The MLP weighting adds its
-        per-offset second layer (``k_a**2 * hidden`` per head and pixel).
-        """
-        macs = super().uncounted_macs(inputs, output)
-        if not self.use_att:
-            return macs
-        K2 = self.kernel_att**2
-        macs += 2 * K2 * output.numel()
-        if self.attn_mlp is not None:
-            hidden = self.attn_mlp[0].out_features
-            macs += K2 * hidden * (output.numel() // self.head_dim)
-        return macs
-
     def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused stage-I projection: weight ``(3 C_out, C_in, 1, 1)``, bias ``(3 C_out,)``."""
         w = torch.cat((self.conv1.weight, self.conv2.weight, self.conv3.weight), dim=0)
@@ -357,42 +312,39 @@ class ACmix(ACmixBase):
         heads = qkv.view(B, 3 * N, d, H, W)  # group which*N + head
 
         # Stage II: both paths read the same projections.
-        if self._stage2_fused(qkv, heads):
-            return self._fused_stage2(qkv, heads)
+        if self.fuse_stage2 and self.paths == "both":
+            return self._stage2(qkv)
         att = self._attention(qkv) if self.use_att else None  # (B, C_out, H', W')
         conv = self.forward_conv_path(heads)  # (B, C_out, H', W') or None
         return self.mix(att, conv)
 
-    def _stage2_fused(self, qkv: torch.Tensor, heads: torch.Tensor) -> bool:
-        """Whether stage II runs as one CPU autograd node (both kernels and the mix)."""
-        return (
-            self.fuse_stage2
-            and self.paths == "both"
-            and self.attn_mlp is None
-            and self.shift_mode != "tensor"
-            and cpu_kernel_applies(self.backend, qkv)
-            and fused_conv_path_applies(heads)
-        )
+    def _mlp(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The MLP weighting's ``(w1, b1, w2)`` in ``dtype``, or ``None`` for the dot product."""
+        if self.attn_mlp is None:
+            return None
+        fc1, _, fc2 = self.attn_mlp
+        return fc1.weight.to(dtype), fc1.bias.to(dtype), fc2.weight[0].to(dtype)
 
-    def _fused_stage2(self, qkv: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """Stage II through :class:`CppACmixStage2`: the same result as the composed paths."""
+    def _stage2(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Both paths and the mix as one op (:func:`acmix.ops.acmix_stage2`)."""
         assert self.fc is not None and self.rate1 is not None and self.rate2 is not None
         padding, pe = self._attention_inputs(qkv)
-        self._record_fused_conv_macs(heads)
-        dep = self._shift_weight()
-        assert dep is not None
-        dt = qkv.dtype
-        return CppACmixStage2.apply(
-            qkv.contiguous(),
-            pe.reshape(self.head_dim, *qkv.shape[-2:]).to(dt).contiguous(),
-            *conv_kernel_weights(self.fc.weight, self.fc.bias, dep, dt),
-            self.rate1.to(dt),
-            self.rate2.to(dt),
+        return acmix_stage2(
+            qkv,
             self.head,
             self.kernel_att,
-            padding == "zeros",
-            float(self.head_dim**-0.5),
+            padding,
+            pe,
+            self.fc.weight,
+            self.fc.bias,
+            self._shift_weight(),
+            self.kernel_conv,
+            self.rate1,
+            self.rate2,
             self.stride,
+            self.shift_mode,
+            self._mlp(qkv.dtype),
+            self.backend,
         )
 
     def _attention_inputs(self, qkv: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -407,12 +359,15 @@ class ACmix(ACmixBase):
     def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """Attention path: fused projection ``(B, 3 C_out, H, W)`` -> ``(B, C_out, H', W')``."""
         padding, pe = self._attention_inputs(qkv)
-        mlp = None
-        if self.attn_mlp is not None:
-            fc1, _, fc2 = self.attn_mlp
-            mlp = (fc1.weight.to(qkv.dtype), fc1.bias.to(qkv.dtype), fc2.weight[0].to(qkv.dtype))
         return local_attention_qkv(
-            qkv, self.head, self.kernel_att, self.stride, padding, pe, mlp=mlp, backend=self.backend
+            qkv,
+            self.head,
+            self.kernel_att,
+            self.stride,
+            padding,
+            pe,
+            mlp=self._mlp(qkv.dtype),
+            backend=self.backend,
         )
 
 

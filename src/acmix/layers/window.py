@@ -14,10 +14,11 @@ and the output is ``rate1 * proj(attention) + rate2 * conv``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import nn
 
 from acmix.layers.acmix import INITS, ACmixBase
+from acmix.ops import BACKENDS, window_attention
 from acmix.utils.checks import (
     check_channels,
     check_choice,
@@ -26,23 +27,17 @@ from acmix.utils.checks import (
     check_positive_int,
 )
 
-WINDOW_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "reference")
-
 __all__ = [
-    "WINDOW_BACKENDS",
     "WindowACmix",
     "relative_position_index",
     "shifted_window_mask",
-    "window_attention",
     "window_partition",
     "window_reverse",
 ]
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
+    a, b = to_2tuple(v)
     return (int(a), int(b))
 
 
@@ -99,39 +94,6 @@ def shifted_window_mask(
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
-def window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor,
-    scale: float,
-    dropout_p: float = 0.0,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Softmax attention within windows with an additive bias.
-
-    Args:
-        q, k, v: ``(B_, N, L, d)`` (``B_`` windows, ``L`` tokens per window).
-        bias: additive, broadcastable to ``(B_, N, L, L)``.
-        scale: query scale.
-        dropout_p: attention dropout probability (applied as given).
-        backend: ``"auto"``/``"sdpa"`` (``F.scaled_dot_product_attention``) or
-            ``"reference"`` (explicit softmax).
-
-    Returns:
-        ``(B_, N, L, d)``.
-    """
-    if backend == "reference":
-        attn = (q * scale) @ k.transpose(-2, -1) + bias
-        attn = torch.softmax(attn, dim=-1)
-        if dropout_p > 0:
-            attn = F.dropout(attn, dropout_p)
-        return attn @ v
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale
-    )
-
-
 class WindowACmix(ACmixBase):
     """Windowed ACmix for Swin: window attention + the shared ACmix conv path.
 
@@ -147,7 +109,10 @@ class WindowACmix(ACmixBase):
         shift_mode: conv-path shift form, see :class:`ACmixBase`.
         init: ``"paper"`` / ``"official"`` (identical here: the authors' Swin
             keeps the shift init).
-        backend: ``"auto"``, ``"sdpa"`` or ``"reference"``.
+        backend: the backend of every op the layer runs, one of
+            :data:`acmix.ops.BACKENDS`: the window attention has ``"sdpa"`` and
+            ``"reference"``, the conv path ``"cpp"`` and ``"reference"``; an op
+            without the named backend chooses as under ``"auto"``.
         paths: ``"both"`` (ACmix, default), ``"attn"`` (plain Swin window
             attention, the baseline: same keys as Swin) or ``"conv"``.
 
@@ -182,7 +147,7 @@ class WindowACmix(ACmixBase):
         self.num_heads = num_heads
         self.scale = qk_scale or head_dim**-0.5
         self.init_mode = check_choice("init", init, INITS)
-        self.backend = check_choice("backend", backend, WINDOW_BACKENDS)
+        self.backend = check_choice("backend", backend, BACKENDS)
         wh, ww = self.window_size
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop

@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from acmix.layers import functional as AF
+from acmix import ops as AF
+from acmix.ops import choose_backend
 from tests.conftest import max_abs
+
+
+def _fused(qkv: torch.Tensor, stride: int = 1) -> bool:
+    """Whether the conv path runs the C++ kernel on these head features."""
+    return choose_backend("conv_path", (qkv,), "auto", stride=stride) == "cpp"
 
 
 def test_shift2d_hand_case() -> None:
@@ -126,7 +132,7 @@ def test_fused_conv_path_matches_pytorch_fwd_bwd(case) -> None:
     fc_w = torch.randn(k * k, 3 * N, dtype=torch.float64, requires_grad=True)
     fc_b = torch.randn(k * k, dtype=torch.float64, requires_grad=True) if bias else None
     dep_w = torch.randn(c_out, k * k, k, k, dtype=torch.float64, requires_grad=True)
-    assert AF.fused_conv_path_applies(qkv)
+    assert _fused(qkv)
     ref = _conv_path_pytorch(qkv, fc_w, fc_b, dep_w, k, c_out, stride)
     out = AF.conv_path(qkv, fc_w, fc_b, dep_w, k, c_out, stride, "learnable")
     assert out.shape == ref.shape == (B, c_out, -(-H // stride), -(-W // stride))
@@ -151,11 +157,11 @@ def test_fused_conv_path_float32_and_fallbacks() -> None:
     # channels-last features (Swin's view): the channels-last kernel at stride 1;
     # other strides, other layouts and bf16 take the PyTorch path
     view = qkv.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
-    assert AF.fused_conv_path_applies(view)
+    assert _fused(view)
     assert max_abs(AF.conv_path(view, fc_w, None, dep_w, 3, N * d).double(), ref) < 1e-5 * scale
-    assert not AF.fused_conv_path_applies(view, stride=2)
-    assert not AF.fused_conv_path_applies(qkv.transpose(3, 4))
-    assert not AF.fused_conv_path_applies(qkv.bfloat16())
+    assert not _fused(view, 2)
+    assert not _fused(qkv.transpose(3, 4))
+    assert not _fused(qkv.bfloat16())
     with pytest.raises(ValueError, match=r"grouped-conv weight \(64, 9, 3, 3\) is not"):
         AF.conv_path(qkv, fc_w, None, dep_w.repeat(2, 1, 1, 1), 3, N * d)
     with pytest.raises(ValueError, match="does not map 12 head groups"):
@@ -184,7 +190,7 @@ def test_channels_last_kernel_matches_pytorch_fwd_bwd(case) -> None:
     fc_w = torch.randn(k * k, 3 * N, dtype=f64, requires_grad=True)
     fc_b = torch.randn(k * k, dtype=f64, requires_grad=True) if bias else None
     dep_w = torch.randn(c_out, k * k, k, k, dtype=f64, requires_grad=True)
-    assert AF.fused_conv_path_applies(qkv)
+    assert _fused(qkv)
     ref = _conv_path_pytorch(qkv, fc_w, fc_b, dep_w, k, c_out, 1)
     out = AF.conv_path(qkv, fc_w, fc_b, dep_w, k, c_out, 1, "learnable")
     assert out.shape == ref.shape == (B, c_out, H, W)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from acmix.layers import local_attention, local_attention_reference
+from acmix.ops import local_attention, local_attention_reference
 from tests.conftest import max_abs
 
 
@@ -181,7 +181,7 @@ def test_cpp_float32_and_auto_selection() -> None:
     ref = local_attention(q, k, v, 5, 2, backend="reference")
     for backend in ("cpp", "auto"):
         assert max_abs(local_attention(q, k, v, 5, 2, backend=backend), ref) < 1e-5
-    with pytest.raises(ValueError, match="backend='cpp' needs CPU float32/float64"):
+    with pytest.raises(ValueError, match="backend='cpp' cannot run here.*needs float32 / float64"):
         local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 5, backend="cpp")
     # auto falls back to the PyTorch shift path where the kernel does not apply
     out = local_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 5, backend="auto")
@@ -206,15 +206,17 @@ def test_cpp_float32_fwd_bwd_match_float64_reference(padding) -> None:
 
 
 def test_cpp_disabled_by_environment(monkeypatch) -> None:
-    from acmix.layers import _cpp
+    from acmix.ops import cpp
 
     monkeypatch.setenv("ACMIX_NO_CPP", "1")
-    monkeypatch.setattr(_cpp, "_state", {})
-    assert _cpp.cpu_kernel() is None
+    monkeypatch.setattr(cpp, "_state", {})  # restored afterwards: later tests load it again
+    with pytest.warns(RuntimeWarning, match="ACMIX_NO_CPP is set"):
+        assert cpp.kernel("attention") is None
     q, k, v = _qkv((1, 1, 2, 5, 5))
     ref = local_attention(q, k, v, 3, backend="reference")
     assert max_abs(local_attention(q, k, v, 3, backend="auto"), ref) < 1e-12
-    monkeypatch.setattr(_cpp, "_state", {})  # let later tests load it again
+    with pytest.raises(RuntimeError, match="not built"):
+        local_attention(q, k, v, 3, backend="cpp")
 
 
 def test_errors() -> None:
