@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from acmix.analysis.memory import peak_memory
-from acmix.analysis.timing import sync_device, time_fn
+from acmix.analysis.timing import time_fn
 from acmix.layers import ACmix
 
 __all__ = [
@@ -147,18 +147,8 @@ def _measure(
 
     t_fwd = time_fn(fwd, device, min_time=min_time)
     t_fb = time_fn(fwd_bwd, device, min_time=min_time)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fwd_bwd()
-        sync_device(device)
-        peak_fb = torch.cuda.max_memory_allocated(device) - base
-        torch.cuda.reset_peak_memory_stats(device)
-        fwd()
-        peak_f = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak_fb = peak_memory(fwd_bwd)
-        peak_f = peak_memory(fwd)
+    peak_fb = peak_memory(fwd_bwd, device)
+    peak_f = peak_memory(fwd, device)
     C, H, s = shape
     return LayerResult(name, C, H, s, t_fwd, t_fb, peak_fb, peak_f)
 
@@ -288,14 +278,7 @@ def _measure_model(
 
     t_train = time_fn(step, device, warmup=1, min_reps=2, min_time=min_time)
     t_infer = time_fn(infer, device, warmup=1, min_reps=2, min_time=min_time)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        sync_device(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = peak_memory(step)
+    peak = peak_memory(step, device)
     return ModelResult(name, batch, img, t_train, t_infer, peak)
 
 

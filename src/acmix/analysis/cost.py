@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from acmix.analysis.flops import count_macs, count_params
+from acmix.analysis.plotting import pyplot, save_figure
 from acmix.analysis.timing import time_fn
 from acmix.layers import ACmix, shift_sum
 
@@ -238,10 +239,7 @@ def format_cost_csv(rows: list[CostRow]) -> str:
 
 def plot_cost(rows: list[CostRow], path: str | Path) -> Path:
     """PNG: stage I vs stage II MACs against C, one panel per map size, log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sizes = sorted({r.size for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 4), squeeze=False)
@@ -273,11 +271,7 @@ def plot_cost(rows: list[CostRow], path: str | Path) -> Path:
     axes[0][-1].legend(fontsize=7, loc="upper left")
     fig.suptitle("Stage I (1×1 projections, ∝ C²) vs stage II (aggregation, ∝ C)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compare_with_conv(

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from acmix.analysis.plotting import pyplot, save_figure
 from acmix.layers import ACmixBase
 from acmix.utils.io import CheckpointError, load_checkpoint_file, unwrap_state_dict
 
@@ -179,10 +180,7 @@ def format_rates(rows: list[LayerRates]) -> str:
 
 def plot_rates(rows: list[LayerRates], path: str | Path, title: str = "") -> Path:
     """PNG of α and β (and measured path magnitudes) against layer depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     depth = list(range(len(rows)))
     measured = any(r.att_magnitude is not None for r in rows)
@@ -208,8 +206,4 @@ def plot_rates(rows: list[LayerRates], path: str | Path, title: str = "") -> Pat
         axes[1].grid(alpha=0.3)
     fig.suptitle(title or "ACmix α / β by depth")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

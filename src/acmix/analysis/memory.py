@@ -1,4 +1,4 @@
-"""Peak memory of a region, on CPU, counted at PyTorch's allocator.
+"""Peak memory of a region: on CPU counted at PyTorch's allocator, on CUDA from its statistics.
 
 CPU PyTorch keeps no allocator statistics, but its profiler records every
 allocation and free made through the CPU allocator (``profile_memory=True``).
@@ -26,8 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 __all__ = ["peak_memory"]
 
 
-def peak_memory(fn: Callable[[], Any]) -> int:
-    """Peak bytes allocated on the CPU by ``fn()`` above the level at its start.
+def peak_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
+    """Peak bytes allocated on ``device`` by ``fn()`` above the level at its start.
 
     ``fn``'s result is freed inside the measured region, so what it returns
     counts only while it is alive. Call ``fn`` once beforehand where it has
@@ -35,10 +35,21 @@ def peak_memory(fn: Callable[[], Any]) -> int:
 
     Args:
         fn: the region to measure; called once.
+        device: a CUDA device reads the caching allocator's peak statistics;
+            any other is measured at PyTorch's CPU allocator, as above.
 
     Returns:
         The peak in bytes.
     """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        result = fn()
+        del result
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
     # Kineto prints start/stop lines to stderr on every session unless told not to.
     saved = os.environ.get("KINETO_LOG_LEVEL")
     os.environ["KINETO_LOG_LEVEL"] = saved if saved is not None else "6"

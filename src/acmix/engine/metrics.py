@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from acmix.analysis.inspect import mix_weights
+from acmix.analysis.plotting import pyplot, save_figure
 
 __all__ = ["MetricsLogger", "alpha_beta", "plot_alpha_beta", "plot_curves", "read_csv"]
 
@@ -162,14 +163,10 @@ class MetricsLogger:
 
 def _pyplot():
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return pyplot()
     except ImportError:
         print("matplotlib is not installed: no plots", file=sys.stderr)
         return None
-    return plt
 
 
 def plot_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLike) -> Path | None:
@@ -220,10 +217,7 @@ def plot_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLike) 
         ax2.set(ylabel="top-1 (%)", title="validation / test accuracy")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_alpha_beta(csv_path: str | os.PathLike, path: str | os.PathLike) -> Path | None:
@@ -264,7 +258,4 @@ def plot_alpha_beta(csv_path: str | os.PathLike, path: str | os.PathLike) -> Pat
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
