@@ -54,6 +54,18 @@ def _check_window_args(
     return kernel, stride
 
 
+def _check_qkv(qkv: torch.Tensor, heads: int) -> int:
+    """Check a fused projection ``(B, 3C, H, W)`` against ``heads``; returns ``d = C / heads``."""
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv must be (B, 3C, H, W), got shape {tuple(qkv.shape)}")
+    check_positive_int("heads", heads)
+    if qkv.shape[1] % (3 * heads):
+        raise ValueError(
+            f"qkv has {qkv.shape[1]} channels, not a multiple of 3 * heads = {3 * heads}"
+        )
+    return qkv.shape[1] // (3 * heads)
+
+
 def _note_attention_macs(
     anchor: torch.Tensor, B: int, N: int, d: int, Ho: int, Wo: int, kernel: int, mlp: Mlp | None
 ) -> None:
@@ -156,13 +168,8 @@ def local_attention_qkv(
     Returns:
         ``(B, C, H', W')``.
     """
-    if qkv.dim() != 4:
-        raise ValueError(f"qkv must be (B, 3C, H, W), got shape {tuple(qkv.shape)}")
     B, C3, H, W = qkv.shape
-    check_positive_int("heads", heads)
-    if C3 % (3 * heads):
-        raise ValueError(f"qkv has {C3} channels, not a multiple of 3 * heads = {3 * heads}")
-    d = C3 // (3 * heads)
+    d = _check_qkv(qkv, heads)
     kernel, stride = _check_window_args(kernel, stride, padding, backend, H, W)
     weight = "dot" if mlp is None else "mlp"
     if choose_backend("local_attention", (qkv,), backend, weight=weight) == "cpp":
@@ -340,14 +347,9 @@ def acmix_stage2(
     Returns:
         ``(B, C, H', W')``.
     """
-    if qkv.dim() != 4:
-        raise ValueError(f"qkv must be (B, 3C, H, W), got shape {tuple(qkv.shape)}")
     B, C3, H, W = qkv.shape
-    check_positive_int("heads", heads)
-    if C3 % (3 * heads):
-        raise ValueError(f"qkv has {C3} channels, not a multiple of 3 * heads = {3 * heads}")
+    d = _check_qkv(qkv, heads)
     C = C3 // 3
-    d = C // heads
     kernel_att, stride = _check_window_args(kernel_att, stride, padding, backend, H, W)
     kernel_conv = check_odd_kernel("kernel_conv", kernel_conv)
     check_choice("shift_mode", shift_mode, SHIFT_MODES)
