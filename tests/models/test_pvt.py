@@ -195,8 +195,9 @@ def test_position_embedding_native_and_interpolated() -> None:
 
 
 def test_mixer_choices_and_no_weight_decay() -> None:
-    with pytest.raises(ValueError, match="no convolutional PVT"):
-        PyramidVisionTransformer(**TINY, mixer="conv")
+    for conv_only in ("conv", "acmix_conv"):
+        with pytest.raises(ValueError, match=r"not available for PVT.*class token"):
+            PyramidVisionTransformer(**TINY, mixer=conv_only)
     plain = PyramidVisionTransformer(**TINY, mixer="attn")
     nwd = plain.no_weight_decay()
     assert nwd == {"stages.0.pos_embed", "stages.1.pos_embed", "stages.2.pos_embed",

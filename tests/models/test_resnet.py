@@ -190,9 +190,7 @@ def test_input_sizes(size: tuple[int, int], kwargs: dict) -> None:
 
 
 def test_authors_reflect_padding_fails_on_tiny_maps_with_a_clear_error() -> None:
-    model = timm.create_model(
-        "acmix_resnet26", **TINY, mixer_kwargs=dict(padding_mode="reflect")
-    ).eval()
+    model = timm.create_model("acmix_resnet26", **TINY, padding_mode="reflect").eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))  # late maps 4x4: reflection still fits
         with pytest.raises(ValueError, match="too small for reflection padding"):
@@ -203,9 +201,7 @@ def test_auto_padding_reflects_where_it_fits() -> None:
     """At 64x64 every ACmix map is >= 4x4: "auto" computes the authors' reflect model."""
     torch.manual_seed(0)
     auto = timm.create_model("acmix_resnet26", **TINY).eval()
-    reflect = timm.create_model(
-        "acmix_resnet26", **TINY, mixer_kwargs=dict(padding_mode="reflect")
-    ).eval()
+    reflect = timm.create_model("acmix_resnet26", **TINY, padding_mode="reflect").eval()
     reflect.load_state_dict(auto.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

@@ -315,8 +315,11 @@ def test_san_any_input_from_32_and_too_small_error() -> None:
 
 
 def test_san_mixer_choices() -> None:
-    with pytest.raises(ValueError, match="no convolutional SAN"):
-        SAN(**TINY, mixer="conv")
+    with pytest.raises(ValueError, match=r"mixer must be one of .*'acmix_conv'.*got 'sasa'"):
+        SAN(**TINY, mixer="sasa")
+    conv = SAN(**TINY, mixer="conv")  # a plain 3x3 conv C -> mid in place of the SAM
+    sam = conv.stages[1].blocks[0].sam
+    assert type(sam) is nn.Conv2d and sam.kernel_size == (3, 3) and sam.bias is None
     plain = SAN(**TINY, mixer="attn")
     assert not any(
         n.endswith(("rate1", "rate2", "fc.weight"))

@@ -287,7 +287,7 @@ def test_padded_conv_path_is_local() -> None:
     map except next to the padding (one pixel for kernel_conv 3), where it sees zero
     tokens (whose q, k, v are the qkv biases) instead of zero features."""
     torch.manual_seed(0)
-    block = SwinACmixBlock(8, 2, window_size=4, shift_size=0, mixer="conv").double().eval()
+    block = SwinACmixBlock(8, 2, window_size=4, shift_size=0, mixer="acmix_conv").double().eval()
     x = torch.randn(1, 9, 7, 8, dtype=torch.float64)
     padded, real = block._mix(x), block.attn(x, None)
     assert max_abs(padded[:, :-1, :-1], real[:, :-1, :-1]) <= 1e-12

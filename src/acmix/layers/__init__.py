@@ -1,34 +1,42 @@
-"""ACmix layers: the functional core and thin modules over it (flat re-exports)."""
+"""ACmix layers: thin modules over :mod:`acmix.ops` (whose functions are re-exported here)."""
 
 from acmix.layers.acmix import INITS, PATHS, ACmix, ACmixBase, ACmixConv2d
-from acmix.layers.attention import (
+from acmix.layers.factory import (
+    MIXER_PATHS,
+    MIXERS,
+    ConvPathConfig,
+    ConvPathLike,
+    MixerFactory,
+    MixerSpec,
+    call_mixer,
+    create_mixer,
+    plain_conv,
+    resolve_mixer,
+)
+from acmix.layers.window import (
+    WindowACmix,
+    relative_position_index,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
+from acmix.ops import (
     ATTN_WEIGHTS,
     BACKENDS,
-    local_attention,
-    local_attention_reference,
-)
-from acmix.layers.factory import MIXERS, create_mixer
-from acmix.layers.functional import (
     SHIFT_MODES,
     acmix_mix,
     conv2d_as_shift_sum,
     conv_path,
     conv_path_features,
     kernel_offsets,
+    local_attention,
+    local_attention_reference,
     position_grid,
     shift2d,
     shift_kernel,
     shift_sum,
     shift_sum_group_conv,
-)
-from acmix.layers.window import (
-    WINDOW_BACKENDS,
-    WindowACmix,
-    relative_position_index,
-    shifted_window_mask,
     window_attention,
-    window_partition,
-    window_reverse,
 )
 from acmix.utils.checks import PADDING_MODES, resolve_padding
 
@@ -37,15 +45,20 @@ __all__ = [
     "BACKENDS",
     "INITS",
     "MIXERS",
+    "MIXER_PATHS",
     "PADDING_MODES",
     "PATHS",
     "SHIFT_MODES",
-    "WINDOW_BACKENDS",
     "ACmix",
     "ACmixBase",
     "ACmixConv2d",
+    "ConvPathConfig",
+    "ConvPathLike",
+    "MixerFactory",
+    "MixerSpec",
     "WindowACmix",
     "acmix_mix",
+    "call_mixer",
     "conv2d_as_shift_sum",
     "conv_path",
     "conv_path_features",
@@ -53,8 +66,10 @@ __all__ = [
     "kernel_offsets",
     "local_attention",
     "local_attention_reference",
+    "plain_conv",
     "position_grid",
     "relative_position_index",
+    "resolve_mixer",
     "resolve_padding",
     "shift2d",
     "shift_kernel",

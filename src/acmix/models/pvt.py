@@ -66,7 +66,15 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
-from acmix.layers import ACmixBase
+from acmix.layers import (
+    MIXER_PATHS,
+    ACmixBase,
+    ConvPathConfig,
+    ConvPathLike,
+    MixerSpec,
+    call_mixer,
+    resolve_mixer,
+)
 from acmix.models._common import check_image_input, no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_heads, check_positive_int
@@ -82,7 +90,14 @@ __all__ = [
     "checkpoint_filter_fn",
 ]
 
+#: The mixer names PVT offers (:mod:`acmix.layers.factory`); ``"conv"`` and
+#: ``"acmix_conv"`` are not among them (:data:`PVT_NO_CONV_MIXER`).
 PVT_MIXERS: tuple[str, ...] = ("acmix", "attn")
+#: Why PVT has no convolution-only mixer.
+PVT_NO_CONV_MIXER = (
+    "PVT's classifier reads its class token, which is not on the image grid, so a "
+    "convolution-only token mixer would never let it see the image"
+)
 PVT_ATTN_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "reference")
 
 
@@ -241,6 +256,12 @@ class SRAttention(ACmixBase):
 class PVTBlock(nn.Module):
     """Transformer block ``x + attn(LN(x)); x + mlp(LN(x))`` (LayerNorm eps 1e-6).
 
+    Args:
+        mixer: ``"acmix"``, ``"attn"`` or a callable ``mixer(dim, dim, stride=1)``
+            returning a module ``forward(x, H, W)`` on tokens (see :class:`SRAttention`).
+        conv_path: convolution options (:class:`acmix.layers.ConvPathConfig`).
+        backend: attention backend of :class:`SRAttention`.
+
     Shape:
         ``forward(x, H, W)``: ``(B, P + H*W, C)`` -> same.
     """
@@ -257,23 +278,33 @@ class PVTBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         num_prefix_tokens: int = 0,
-        mixer: str = "acmix",
-        **attn_kwargs: Any,
+        mixer: MixerSpec = "acmix",
+        *,
+        conv_path: ConvPathLike = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        mixer = resolve_mixer(mixer, "PVT", PVT_MIXERS, PVT_NO_CONV_MIXER)
+        cfg = ConvPathConfig.from_value(conv_path)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = SRAttention(
-            dim,
-            num_heads,
-            sr_ratio,
-            qkv_bias,
-            qk_scale,
-            attn_drop,
-            proj_drop,
-            num_prefix_tokens,
-            paths="both" if mixer == "acmix" else "attn",
-            **attn_kwargs,
-        )
+        self.attn: nn.Module
+        if not isinstance(mixer, str):
+            self.attn = call_mixer(mixer, dim, dim, 1)
+        else:
+            self.attn = SRAttention(
+                dim,
+                num_heads,
+                sr_ratio,
+                qkv_bias,
+                qk_scale,
+                attn_drop,
+                proj_drop,
+                num_prefix_tokens,
+                paths=MIXER_PATHS[mixer],
+                kernel_conv=cfg.kernel_conv,
+                shift_mode=cfg.shift_mode,
+                backend=backend,
+            )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
@@ -380,14 +411,19 @@ class PVTStage(nn.Module):
 class PyramidVisionTransformer(nn.Module):
     """PVT v1 with an injected token mixer (ACmix by default).
 
-    The same code builds the ACmix model and its baseline:
+    The same code builds the ACmix model and its baseline (``mixer=``, the
+    vocabulary of :mod:`acmix.layers.factory`):
 
-    * ``mixer="acmix"`` (default): every SRA gets ACmix's convolution path
+    * ``"acmix"`` (default): every SRA gets ACmix's convolution path
       (see the module docstring: our reconstruction of the paper's ACmix PVT).
-    * ``mixer="attn"``: plain PVT v1 (the PVT authors' parameter names within
+    * ``"attn"``: plain PVT v1 (the PVT authors' parameter names within
       each block), the paper's baseline.
+    * a callable ``mixer(dim, dim, stride=1)`` returning a token mixer
+      ``forward(x, H, W)`` (``x`` ``(B, P + H*W, dim)``).
 
-    A convolutional counterpart (``"conv"``) is not offered (the paper has none).
+    ``"conv"`` and ``"acmix_conv"`` are rejected: the classifier reads the
+    class token, which is not on the image grid, so a convolution-only mixer
+    would never let it see the image.
 
     Args:
         img_size: input size the position tables are made for (int or ``(H, W)``);
@@ -402,10 +438,11 @@ class PyramidVisionTransformer(nn.Module):
         sr_ratios: spatial-reduction ratios (8, 4, 2, 1).
         qkv_bias: bias of ``q`` / ``kv`` (True).
         qk_scale: query scale override.
-        mixer: ``"acmix"`` or ``"attn"``.
-        kernel_conv: ACmix convolution-path kernel (3).
-        shift_mode: ACmix shift form (``"learnable"``).
-        attn_backend: ``"auto"``/``"sdpa"`` or ``"reference"``.
+        mixer: ``"acmix"``, ``"attn"`` or a callable.
+        conv_path: ACmix convolution-path options, a
+            :class:`acmix.layers.ConvPathConfig` or a dict of its fields
+            (``kernel_conv`` (3), ``shift_mode`` (``"learnable"``)).
+        backend: attention backend, ``"auto"``/``"sdpa"`` or ``"reference"``.
         global_pool: ``"token"`` (class token, PVT) or ``"avg"`` (mean of grid tokens).
         drop_rate: dropout before the classifier.
         pos_drop_rate: dropout after adding the position embedding.
@@ -431,10 +468,9 @@ class PyramidVisionTransformer(nn.Module):
         sr_ratios: Sequence[int] = (8, 4, 2, 1),
         qkv_bias: bool = True,
         qk_scale: float | None = None,
-        mixer: str = "acmix",
-        kernel_conv: int = 3,
-        shift_mode: str = "learnable",
-        attn_backend: str = "auto",
+        mixer: MixerSpec = "acmix",
+        conv_path: ConvPathLike = None,
+        backend: str = "auto",
         global_pool: str = "token",
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
@@ -443,11 +479,8 @@ class PyramidVisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if mixer not in PVT_MIXERS:
-            raise ValueError(
-                f"mixer must be one of {PVT_MIXERS} for PVT, got {mixer!r} (the paper has no "
-                f"convolutional PVT)"
-            )
+        mixer = resolve_mixer(mixer, "PVT", PVT_MIXERS, PVT_NO_CONV_MIXER)
+        conv_cfg = ConvPathConfig.from_value(conv_path)
         check_choice("global_pool", global_pool, ("token", "avg", ""))
         embed_dims, num_heads, depths = tuple(embed_dims), tuple(num_heads), tuple(depths)
         mlp_ratios, sr_ratios = tuple(mlp_ratios), tuple(sr_ratios)
@@ -461,6 +494,7 @@ class PyramidVisionTransformer(nn.Module):
         for d in depths:
             check_positive_int("depths[i]", d)
         self.mixer = mixer
+        self.conv_path = conv_cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -496,9 +530,8 @@ class PyramidVisionTransformer(nn.Module):
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     mixer=mixer,
-                    kernel_conv=kernel_conv,
-                    shift_mode=shift_mode,
-                    backend=attn_backend,
+                    conv_path=conv_cfg,
+                    backend=backend,
                 )
             )
             self.feature_info.append(

@@ -42,7 +42,16 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from acmix.layers import INITS, MIXERS, ACmix, ACmixBase, create_mixer
+from acmix.layers import (
+    INITS,
+    ACmix,
+    ACmixBase,
+    ConvPathConfig,
+    ConvPathLike,
+    MixerSpec,
+    create_mixer,
+    resolve_mixer,
+)
 from acmix.models._common import no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
@@ -66,12 +75,15 @@ class Bottleneck(nn.Module):
         width: bottleneck width (the mixer's channels).
         stride: stride of the mixer (and of the projection shortcut).
         downsample: projection shortcut (1x1 conv + BN) or ``None`` for identity.
-        mixer: ``"acmix"``, ``"attn"`` or ``"conv"`` (see :func:`acmix.layers.create_mixer`).
+        mixer: a name of :data:`acmix.layers.MIXERS` or a callable
+            ``mixer(width, width, stride=stride)`` (see :func:`acmix.layers.create_mixer`).
         kernel_att: attention window of the mixer.
-        head: attention heads of the mixer.
-        kernel_conv: convolution kernel of the mixer.
+        num_heads: attention heads of the mixer.
+        conv_path: the mixer's convolution options (:class:`acmix.layers.ConvPathConfig`).
+        padding_mode: attention border mode of the mixer (:class:`acmix.layers.ACmix`).
+        backend: attention backend of the mixer.
+        attn_weight: attention weighting of the mixer (``"dot"`` or ``"mlp"``).
         drop_path: stochastic-depth probability of the residual branch.
-        mixer_kwargs: further keyword options of the mixer (``padding_mode``, ...).
 
     Shape:
         ``(B, in_chs, H, W)`` -> ``(B, 4 width, ceil(H / stride), ceil(W / stride))``.
@@ -84,12 +96,14 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         downsample: nn.Module | None = None,
         *,
-        mixer: str = "acmix",
+        mixer: MixerSpec = "acmix",
         kernel_att: int = 7,
-        head: int = 4,
-        kernel_conv: int = 3,
+        num_heads: int = 4,
+        conv_path: ConvPathLike = None,
+        padding_mode: str = "auto",
+        backend: str = "auto",
+        attn_weight: str = "dot",
         drop_path: float = 0.0,
-        mixer_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         out_chs = width * EXPANSION
@@ -100,10 +114,12 @@ class Bottleneck(nn.Module):
             width,
             width,
             stride,
-            kernel_conv=kernel_conv,
+            num_heads=num_heads,
             kernel_att=kernel_att,
-            head=head,
-            **dict(mixer_kwargs or {}),
+            conv_path=conv_path,
+            padding_mode=padding_mode,
+            backend=backend,
+            attn_weight=attn_weight,
         )
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_chs, kernel_size=1, bias=False)
@@ -128,16 +144,19 @@ class ResNet(nn.Module):
     stages of :class:`Bottleneck` blocks (stride on the mixer, i.e. the 3x3
     position, in the first block of stages 2-4), global average pool, ``fc``.
 
-    The same code builds the paper's models and their baselines (``mixer=``):
+    The same code builds the paper's models and their baselines (``mixer=``,
+    the vocabulary of :mod:`acmix.layers.factory`):
 
-    * ``"acmix"`` (default): ACmix(width, width, ``kernel_att``, ``head``,
-      ``kernel_conv``, stride), the paper's ACmix ResNet;
+    * ``"acmix"`` (default): ACmix(width, width, ``kernel_att``, ``num_heads``,
+      ``conv_path.kernel_conv``, stride), the paper's ACmix ResNet;
     * ``"attn"``: the same network with ACmix's attention path only (local
       self-attention, positional encoding, no conv path): the SASA-style
       attention baseline;
-    * ``"conv"``: a plain ``kernel_conv`` x ``kernel_conv`` conv: the
+    * ``"acmix_conv"``: ACmix's convolution path only (the ablation);
+    * ``"conv"``: a plain ``k x k`` conv, ``k = conv_path.kernel_conv``: the
       convolutional ResNet baseline (torchvision's ResNet-50 for
-      ``layers=(3, 4, 6, 3)``).
+      ``layers=(3, 4, 6, 3)``);
+    * a callable ``mixer(width, width, stride=stride)`` returning an NCHW module.
 
     **Any input size >= 32.** Mixers are built with ``padding_mode="auto"``: the
     attention window is reflection-padded like the authors' code wherever the
@@ -146,18 +165,20 @@ class ResNet(nn.Module):
     1x1 maps of stages 3-4 at 32x32 input, where the authors' code crashes).
     Strided layers give ``ceil(H / 2)`` outputs, so odd sizes work too; a
     stage-``i`` feature map is ``ceil(H / 2**(i + 2)) x ceil(W / 2**(i + 2))``.
-    Pass ``mixer_kwargs=dict(padding_mode="reflect")`` for the authors' strict
-    behaviour.
+    Pass ``padding_mode="reflect"`` for the authors' strict behaviour.
 
     Args:
         layers: blocks per stage, e.g. ``(3, 4, 6, 3)``.
         num_classes: classifier outputs (0: no classifier, ``forward`` returns
             pooled features).
         in_chans: input image channels.
-        mixer: ``"acmix"``, ``"attn"`` or ``"conv"`` (see above).
+        mixer: ``"acmix"``, ``"attn"``, ``"acmix_conv"``, ``"conv"`` or a
+            callable (see above).
         kernel_att: attention window of the mixers (the paper: 7).
-        head: attention heads of the mixers (the paper: 4).
-        kernel_conv: convolution kernel of the mixers (the paper: 3).
+        num_heads: attention heads of the mixers (the paper: 4; ACmix's ``head``).
+        conv_path: convolution options of the mixers, a
+            :class:`acmix.layers.ConvPathConfig` or a dict of its fields
+            (``kernel_conv``, the paper: 3; ``shift_mode``).
         widths: bottleneck widths of the four stages (outputs are 4x these);
             the stem has ``widths[0]`` channels. Default ``(64, 128, 256, 512)``.
         drop_rate: dropout before the classifier.
@@ -171,9 +192,13 @@ class ResNet(nn.Module):
             describes); ``"official"``: the authors' global init exactly, whose
             Kaiming-normal pass also overwrites ``dep_conv``. The two differ only
             in the ``dep_conv`` weights (same seed -> all else equal).
-        mixer_kwargs: further keyword options of :class:`acmix.layers.ACmix`
-            (``padding_mode`` (default ``"auto"``), ``shift_mode``, ``backend``,
-            ``attn_weight``, ...); ignored by ``mixer="conv"``.
+        padding_mode: attention border mode of the mixers (default ``"auto"``,
+            see above; :class:`acmix.layers.ACmix`).
+        backend: attention backend of the mixers (:class:`acmix.layers.ACmix`).
+        attn_weight: ``"dot"`` (default) or ``"mlp"`` attention weights.
+            ``padding_mode``, ``backend`` and ``attn_weight`` are unused by
+            ``mixer="conv"`` and by a callable (bind its options with
+            ``functools.partial``).
 
     Shape:
         ``(B, in_chans, H, W)`` -> ``(B, num_classes)``; ``forward_features``
@@ -186,16 +211,18 @@ class ResNet(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         *,
-        mixer: str = "acmix",
+        mixer: MixerSpec = "acmix",
         kernel_att: int = 7,
-        head: int = 4,
-        kernel_conv: int = 3,
+        num_heads: int = 4,
+        conv_path: ConvPathLike = None,
         widths: Sequence[int] = (64, 128, 256, 512),
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
         init: str = "paper",
-        mixer_kwargs: Mapping[str, Any] | None = None,
+        padding_mode: str = "auto",
+        backend: str = "auto",
+        attn_weight: str = "dot",
     ) -> None:
         super().__init__()
         layers = tuple(int(n) for n in layers)
@@ -204,7 +231,8 @@ class ResNet(nn.Module):
             raise ValueError(f"layers must be 4 positive block counts, got {layers}")
         if len(widths) != 4 or any(w < 1 for w in widths):
             raise ValueError(f"widths must be 4 positive channel counts, got {widths}")
-        check_choice("mixer", mixer, MIXERS)
+        mixer = resolve_mixer(mixer, "ResNet")
+        conv_cfg = ConvPathConfig.from_value(conv_path)
         check_choice("init", init, INITS)
         check_positive_int("in_chans", in_chans)
         if not 0.0 <= drop_path_rate < 1.0:
@@ -212,22 +240,18 @@ class ResNet(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.mixer = mixer
+        self.conv_path = conv_cfg
         self.init = init
         self.grad_checkpointing = False
-        mixer_kwargs = {"padding_mode": "auto", **dict(mixer_kwargs or {})}
         # The mixers start from ACmix's own ("paper") init; init_weights() applies `init`.
-        mixer_kwargs.setdefault("init", "paper")
-        if mixer_kwargs["init"] != "paper":
-            raise ValueError(
-                f"mixer_kwargs['init']={mixer_kwargs['init']!r}: pass init= to the ResNet "
-                "(it initialises the whole network), not to the mixers"
-            )
-        block_kwargs = dict(
+        block_kwargs: dict[str, Any] = dict(
             mixer=mixer,
             kernel_att=kernel_att,
-            head=head,
-            kernel_conv=kernel_conv,
-            mixer_kwargs=mixer_kwargs if mixer != "conv" else None,
+            num_heads=num_heads,
+            conv_path=conv_cfg,
+            padding_mode=padding_mode,
+            backend=backend,
+            attn_weight=attn_weight,
         )
 
         # Stem: (B, in_chans, H, W) -> (B, widths[0], H/4, W/4).

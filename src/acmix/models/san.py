@@ -93,7 +93,19 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from acmix.layers import ACmixBase, resolve_padding
+from acmix.layers import (
+    MIXER_PATHS,
+    MIXERS,
+    PATHS,
+    ACmixBase,
+    ConvPathConfig,
+    ConvPathLike,
+    MixerSpec,
+    call_mixer,
+    plain_conv,
+    resolve_mixer,
+    resolve_padding,
+)
 from acmix.models._common import check_image_input, no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
@@ -110,7 +122,8 @@ __all__ = [
     "patchwise_aggregate_reference",
 ]
 
-SAN_MIXERS: tuple[str, ...] = ("acmix", "attn")
+#: SAN offers the whole mixer vocabulary (:mod:`acmix.layers.factory`).
+SAN_MIXERS: tuple[str, ...] = MIXERS
 SAM_BACKENDS: tuple[str, ...] = ("auto", "shift", "reference")
 
 
@@ -344,8 +357,9 @@ class PatchwiseSAM(ACmixBase):
         share_planes: channels sharing one weight map; ``mid / share_planes``
             weight channels are predicted per window position.
         kernel_size: odd attention window ``k``.
-        paths: ``"both"`` (ACmix: SAM + convolution path, alpha/beta mix) or
-            ``"attn"`` (the plain patchwise SAM of SAN).
+        paths: ``"both"`` (ACmix: SAM + convolution path, alpha/beta mix),
+            ``"attn"`` (the plain patchwise SAM of SAN) or ``"conv"`` (ACmix's
+            convolution path alone on the SAM's projections: no weight MLP).
         kernel_conv: odd kernel of the ACmix convolution path.
         shift_mode: convolution-path shift form (see :class:`~acmix.layers.ACmixBase`).
         padding_mode: ``"reflect"`` (SAN's), ``"zeros"`` or ``"auto"`` (reflect
@@ -381,12 +395,12 @@ class PatchwiseSAM(ACmixBase):
             ("share_planes", share_planes),
         ):
             check_positive_int(name, v)
-        check_choice("paths", paths, ("both", "attn"))
+        check_choice("paths", paths, PATHS)
         if out_planes % share_planes:
             raise ValueError(
                 f"out_planes ({out_planes}) must be a multiple of share_planes ({share_planes})"
             )
-        if paths == "both" and out_planes % rel_planes:
+        if paths != "attn" and out_planes % rel_planes:
             raise ValueError(
                 f"the ACmix convolution path views the value projection (out_planes="
                 f"{out_planes}) as groups of rel_planes={rel_planes} channels: out_planes "
@@ -394,7 +408,7 @@ class PatchwiseSAM(ACmixBase):
             )
         # Conv path over [x1; x2; x3] as 2 + out/rel groups of d = rel channels (3N of them).
         groups = 2 + out_planes // rel_planes
-        if paths == "both" and groups % 3:
+        if paths != "attn" and groups % 3:
             raise ValueError(
                 f"[x1; x2; x3] has {groups} groups of {rel_planes} channels; ACmix's fc "
                 f"expects a multiple of 3 (use out_planes = 4 * rel_planes, as SAN does)"
@@ -422,14 +436,17 @@ class PatchwiseSAM(ACmixBase):
         self.conv1 = nn.Conv2d(in_planes, rel_planes, kernel_size=1)
         self.conv2 = nn.Conv2d(in_planes, rel_planes, kernel_size=1)
         self.conv3 = nn.Conv2d(in_planes, out_planes, kernel_size=1)
-        self.conv_w = nn.Sequential(
-            nn.BatchNorm2d(rel_planes * (K2 + 1)),
-            nn.ReLU(),
-            nn.Conv2d(rel_planes * (K2 + 1), G, kernel_size=1, bias=False),
-            nn.BatchNorm2d(G),
-            nn.ReLU(),
-            nn.Conv2d(G, K2 * G, kernel_size=1),
-        )
+        # The weight MLP exists only where there is an attention path.
+        self.conv_w: nn.Sequential | None = None
+        if self.use_att:
+            self.conv_w = nn.Sequential(
+                nn.BatchNorm2d(rel_planes * (K2 + 1)),
+                nn.ReLU(),
+                nn.Conv2d(rel_planes * (K2 + 1), G, kernel_size=1, bias=False),
+                nn.BatchNorm2d(G),
+                nn.ReLU(),
+                nn.Conv2d(G, K2 * G, kernel_size=1),
+            )
         self.reset_conv_path()
 
     def extra_repr(self) -> str:
@@ -441,7 +458,8 @@ class PatchwiseSAM(ACmixBase):
 
     def uncounted_macs(self, inputs: tuple, output: torch.Tensor) -> int:
         """The aggregation's ``k^2`` multiply-adds per output element (done elementwise)."""
-        return super().uncounted_macs(inputs, output) + self.kernel_size**2 * output.numel()
+        aggregation = self.kernel_size**2 * output.numel() if self.use_att else 0
+        return super().uncounted_macs(inputs, output) + aggregation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the SAM (and the ACmix convolution path).
@@ -464,10 +482,12 @@ class PatchwiseSAM(ACmixBase):
         proj = F.conv2d(x, w, b)
         x1, x2, x3 = proj[:, :rel], proj[:, rel : 2 * rel], proj[:, 2 * rel :]
 
-        padding = resolve_padding(self.padding_mode, self.kernel_size, H, W)
-        backend = "shift" if self.backend == "auto" else self.backend
-        weights = self._weights(x1, x2, padding, backend)  # (B, G, K2, H, W)
-        att = patchwise_aggregate(x3, weights, self.kernel_size, padding, backend)
+        att = None
+        if self.use_att:
+            padding = resolve_padding(self.padding_mode, self.kernel_size, H, W)
+            backend = "shift" if self.backend == "auto" else self.backend
+            weights = self._weights(x1, x2, padding, backend)  # (B, G, K2, H, W)
+            att = patchwise_aggregate(x3, weights, self.kernel_size, padding, backend)
         conv = None
         if self.use_conv:
             # [x1; x2; x3] as 3N groups of d = rel channels (a view, no copy).
@@ -480,6 +500,7 @@ class PatchwiseSAM(ACmixBase):
         """Per-pixel window weights ``(B, G, k*k, H, W)`` from ``x1``, ``x2`` ``(B, rel, H, W)``."""
         B, rel, H, W = x1.shape
         k, K2 = self.kernel_size, self.kernel_size**2
+        assert self.conv_w is not None, "no attention path"
         x2_pad = _pad(x2, k // 2, padding)
         if backend == "reference":
             # SAN's formulation: [x1, unfold(x2)] as (B, rel * (K2 + 1), 1, H * W).
@@ -508,6 +529,7 @@ class PatchwiseSAM(ACmixBase):
         Returns:
             ``(B, mid / share_planes, H, W)`` (before ``conv_w[3:]``).
         """
+        assert self.conv_w is not None, "no attention path"
         bn, conv = self.conv_w[0], self.conv_w[2]
         B, rel, H, W = x1.shape
         k, K2 = self.kernel_size, self.kernel_size**2
@@ -563,9 +585,12 @@ class SANBlock(nn.Module):
         rel_ratio: ``rel = C / rel_ratio`` (SAN: 16).
         mid_ratio: ``mid = C / mid_ratio`` (SAN: 4).
         share_planes: SAN's weight sharing (8).
-        mixer: ``"acmix"`` or ``"attn"`` (see :class:`SAN`).
+        mixer: a name of :data:`acmix.layers.MIXERS` or a callable
+            ``mixer(dim, mid, stride=1)`` returning an NCHW module (see :class:`SAN`).
         drop_path: stochastic-depth rate of the residual branch.
-        **sam_kwargs: further options of :class:`PatchwiseSAM`.
+        conv_path: convolution options (:class:`acmix.layers.ConvPathConfig`).
+        padding_mode: SAM border mode (:class:`PatchwiseSAM`).
+        backend: SAM backend (:class:`PatchwiseSAM`).
 
     Shape:
         ``(B, C, H, W)`` -> ``(B, C, H, W)``.
@@ -578,12 +603,16 @@ class SANBlock(nn.Module):
         rel_ratio: int = 16,
         mid_ratio: int = 4,
         share_planes: int = 8,
-        mixer: str = "acmix",
+        mixer: MixerSpec = "acmix",
         drop_path: float = 0.0,
-        **sam_kwargs: Any,
+        *,
+        conv_path: ConvPathLike = None,
+        padding_mode: str = "auto",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_choice("mixer", mixer, SAN_MIXERS)
+        mixer = resolve_mixer(mixer, "SAN", SAN_MIXERS)
+        cfg = ConvPathConfig.from_value(conv_path)
         rel, mid = dim // rel_ratio, dim // mid_ratio
         if rel < 1 or mid < share_planes:
             raise ValueError(
@@ -591,15 +620,24 @@ class SANBlock(nn.Module):
                 f"{dim}/{mid_ratio} must give rel >= 1 and mid >= share_planes ({share_planes})"
             )
         self.bn1 = nn.BatchNorm2d(dim)
-        self.sam = PatchwiseSAM(
-            dim,
-            rel,
-            mid,
-            share_planes,
-            kernel_size,
-            paths="both" if mixer == "acmix" else "attn",
-            **sam_kwargs,
-        )
+        self.sam: nn.Module
+        if not isinstance(mixer, str):
+            self.sam = call_mixer(mixer, dim, mid, 1)
+        elif mixer == "conv":
+            self.sam = plain_conv(dim, mid, kernel_size=cfg.kernel_conv)  # BN follows: no bias
+        else:
+            self.sam = PatchwiseSAM(
+                dim,
+                rel,
+                mid,
+                share_planes,
+                kernel_size,
+                paths=MIXER_PATHS[mixer],
+                kernel_conv=cfg.kernel_conv,
+                shift_mode=cfg.shift_mode,
+                padding_mode=padding_mode,
+                backend=backend,
+            )
         self.bn2 = nn.BatchNorm2d(mid)
         self.conv = nn.Conv2d(mid, dim, kernel_size=1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -664,15 +702,18 @@ class _Stem(nn.Module):
 class SAN(nn.Module):
     """Patchwise SAN with an injected token mixer (ACmix by default).
 
-    The same code builds the ACmix model and its baseline:
+    The same code builds the ACmix model and its baselines (``mixer=``, the
+    vocabulary of :mod:`acmix.layers.factory`):
 
-    * ``mixer="acmix"`` (default): every SAM gets the ACmix convolution path
+    * ``"acmix"`` (default): every SAM gets the ACmix convolution path
       (see the module docstring: our reconstruction of the paper's ACmix SAN).
-    * ``mixer="attn"``: the plain patchwise SAN of Zhao et al. (SAN authors'
+    * ``"attn"``: the plain patchwise SAN of Zhao et al. (SAN authors'
       parameter names), the paper's baseline.
-
-    A convolutional counterpart (``"conv"``) is not offered: the paper has no
-    convolutional SAN; use ``acmix_resnet*`` with ``mixer="conv"``.
+    * ``"acmix_conv"``: ACmix's convolution path alone on the SAM's projections.
+    * ``"conv"``: a plain ``k x k`` convolution ``C -> mid`` (``k =
+      conv_path.kernel_conv``, no bias) in place of the SAM: a pre-activation
+      bottleneck network (not in the paper).
+    * a callable ``mixer(C, mid, stride=1)`` returning an NCHW module.
 
     Args:
         depths: blocks per stage (SAN-10 ``(2, 1, 2, 4, 1)``).
@@ -681,12 +722,13 @@ class SAN(nn.Module):
         stem_width: stem width (64).
         num_classes: classifier outputs (0: no classifier).
         in_chans: input channels.
-        mixer: ``"acmix"`` or ``"attn"``.
+        mixer: ``"acmix"``, ``"attn"``, ``"acmix_conv"``, ``"conv"`` or a callable.
         rel_ratio: ``rel = C / rel_ratio`` (16).
         mid_ratio: ``mid = C / mid_ratio`` (4).
         share_planes: SAN's weight sharing (8).
-        kernel_conv: ACmix convolution-path kernel (3).
-        shift_mode: ACmix shift form (``"learnable"``).
+        conv_path: convolution options, a :class:`acmix.layers.ConvPathConfig`
+            or a dict of its fields (``kernel_conv`` (3), ``shift_mode``
+            (``"learnable"``)).
         padding_mode: SAM border mode (``"auto"``: reflect where the map allows).
         backend: SAM backend (``"auto"`` = memory-frugal ``"shift"``, or ``"reference"``).
         global_pool: ``"avg"`` (SAN), ``"max"``, ... or ``""`` (no pooling).
@@ -706,12 +748,11 @@ class SAN(nn.Module):
         stem_width: int = 64,
         num_classes: int = 1000,
         in_chans: int = 3,
-        mixer: str = "acmix",
+        mixer: MixerSpec = "acmix",
         rel_ratio: int = 16,
         mid_ratio: int = 4,
         share_planes: int = 8,
-        kernel_conv: int = 3,
-        shift_mode: str = "learnable",
+        conv_path: ConvPathLike = None,
         padding_mode: str = "auto",
         backend: str = "auto",
         global_pool: str = "avg",
@@ -719,11 +760,8 @@ class SAN(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if mixer not in SAN_MIXERS:
-            raise ValueError(
-                f"mixer must be one of {SAN_MIXERS} for SAN, got {mixer!r} (the paper has no "
-                f"convolutional SAN; use acmix_resnet* with mixer='conv' for a conv baseline)"
-            )
+        mixer = resolve_mixer(mixer, "SAN", SAN_MIXERS)
+        conv_cfg = ConvPathConfig.from_value(conv_path)
         depths, kernels, widths = tuple(depths), tuple(kernels), tuple(widths)
         if not (len(depths) == len(kernels) == len(widths)) or len(depths) < 4:
             raise ValueError(
@@ -733,6 +771,7 @@ class SAN(nn.Module):
         for d in depths:
             check_positive_int("depths[i]", d)
         self.mixer = mixer
+        self.conv_path = conv_cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -756,8 +795,7 @@ class SAN(nn.Module):
                     mid_ratio=mid_ratio,
                     share_planes=share_planes,
                     mixer=mixer,
-                    kernel_conv=kernel_conv,
-                    shift_mode=shift_mode,
+                    conv_path=conv_cfg,
                     padding_mode=padding_mode,
                     backend=backend,
                 )

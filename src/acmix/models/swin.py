@@ -10,7 +10,11 @@ mixer is a config value:
   mixed by ``rate1`` / ``rate2`` (the paper's Swin-ACmix);
 * ``mixer="attn"``: window attention only, i.e. plain Swin (the baseline,
   same keys as Microsoft's Swin);
-* ``mixer="conv"``: the ACmix convolution path only (an ablation).
+* ``mixer="acmix_conv"``: the ACmix convolution path only (an ablation);
+* ``mixer="conv"``: a plain dense ``k x k`` convolution as the token mixer
+  (:class:`ConvTokenMixer`, ``k = conv_path.kernel_conv``);
+* a callable ``mixer(dim, dim, stride=1)`` returning a channels-last module
+  ``forward(x, mask)`` (the vocabulary of :mod:`acmix.layers.factory`).
 
 Parameter names follow the authors' / Microsoft's Swin layout
 (``patch_embed.proj/norm``, ``layers.{i}.blocks.{j}.norm1/attn.*/norm2/mlp.fc1/fc2``,
@@ -64,13 +68,26 @@ from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs, register_model
 from torch import nn
 
-from acmix.layers import WindowACmix, relative_position_index
+from acmix.layers import (
+    MIXER_PATHS,
+    MIXERS,
+    ConvPathConfig,
+    ConvPathLike,
+    MixerSpec,
+    WindowACmix,
+    call_mixer,
+    relative_position_index,
+    resolve_mixer,
+)
+from acmix.layers.factory import mixer_label
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
 from acmix.utils.io import load_checkpoint_file, unwrap_checkpoint, unwrap_state_dict
 
 __all__ = [
     "MIXER_PATHS",
+    "SWIN_MIXERS",
+    "ConvTokenMixer",
     "PatchEmbed",
     "PatchMerging",
     "SwinACmixBlock",
@@ -82,8 +99,9 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: ``mixer`` name -> ``WindowACmix(paths=...)``.
-MIXER_PATHS: dict[str, str] = {"acmix": "both", "attn": "attn", "conv": "conv"}
+#: Swin offers the whole mixer vocabulary (:mod:`acmix.layers.factory`);
+#: :data:`MIXER_PATHS` maps the ACmix names to ``WindowACmix(paths=...)``.
+SWIN_MIXERS: tuple[str, ...] = MIXERS
 
 #: Additive mask value of Swin (also used for padded keys).
 _MASK_VALUE = -100.0
@@ -215,6 +233,31 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
+class ConvTokenMixer(nn.Conv2d):
+    """The ``"conv"`` token mixer of Swin: a dense ``k x k`` convolution on the channels-last map.
+
+    ``nn.Conv2d(dim, dim, k, padding=k // 2)`` with a bias (its output goes
+    straight into the residual sum, as attention's ``proj`` does). The block
+    pads and rolls the map as for the attention, so the convolution sees
+    what ACmix's convolution path sees.
+
+    Args:
+        dim: channels.
+        kernel_size: odd kernel ``k``.
+
+    Shape:
+        ``forward(x, mask)``: ``(B, H, W, dim)`` -> ``(B, H, W, dim)``; ``mask``
+        (the shifted-window mask) is ignored.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3) -> None:
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 class SwinACmixBlock(nn.Module):
     """Swin block with windowed ACmix as its token mixer (the authors' block).
 
@@ -238,9 +281,11 @@ class SwinACmixBlock(nn.Module):
         drop_path: stochastic depth rate.
         act_layer: MLP activation.
         norm_layer: normalisation.
-        mixer: ``"acmix"``, ``"attn"`` (plain Swin) or ``"conv"``.
-        mixer_kwargs: extra keyword arguments of :class:`WindowACmix`
-            (``kernel_conv``, ``shift_mode``, ``backend``, ``init``).
+        mixer: ``"acmix"``, ``"attn"`` (plain Swin), ``"acmix_conv"``, ``"conv"``
+            (:class:`ConvTokenMixer`) or a callable ``mixer(dim, dim, stride=1)``
+            returning a channels-last module ``forward(x, mask)``.
+        conv_path: convolution options (:class:`acmix.layers.ConvPathConfig`).
+        backend: window attention backend of :class:`WindowACmix`.
 
     Shape:
         ``(B, H, W, dim)`` -> ``(B, H, W, dim)`` channels-last.
@@ -260,11 +305,13 @@ class SwinACmixBlock(nn.Module):
         drop_path: float = 0.0,
         act_layer: Callable[..., nn.Module] = nn.GELU,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-        mixer: str = "acmix",
-        mixer_kwargs: dict[str, Any] | None = None,
+        mixer: MixerSpec = "acmix",
+        conv_path: ConvPathLike = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_choice("mixer", mixer, tuple(MIXER_PATHS))
+        mixer = resolve_mixer(mixer, "Swin", SWIN_MIXERS)
+        cfg = ConvPathConfig.from_value(conv_path)
         self.window_size = check_positive_int("window_size", window_size)
         if not 0 <= shift_size < window_size:
             raise ValueError(
@@ -275,17 +322,25 @@ class SwinACmixBlock(nn.Module):
         self.num_heads = num_heads
         self.mixer = mixer
         self.norm1 = norm_layer(dim)
-        self.attn = WindowACmix(
-            dim,
-            window_size,
-            num_heads,
-            qkv_bias,
-            qk_scale,
-            attn_drop,
-            proj_drop,
-            paths=MIXER_PATHS[mixer],
-            **(mixer_kwargs or {}),
-        )
+        self.attn: nn.Module
+        if not isinstance(mixer, str):
+            self.attn = call_mixer(mixer, dim, dim, 1)
+        elif mixer == "conv":
+            self.attn = ConvTokenMixer(dim, cfg.kernel_conv)
+        else:
+            self.attn = WindowACmix(
+                dim,
+                window_size,
+                num_heads,
+                qkv_bias,
+                qk_scale,
+                attn_drop,
+                proj_drop,
+                kernel_conv=cfg.kernel_conv,
+                shift_mode=cfg.shift_mode,
+                backend=backend,
+                paths=MIXER_PATHS[mixer],
+            )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
@@ -295,7 +350,7 @@ class SwinACmixBlock(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
-            f"shift_size={self.shift_size}, mixer={self.mixer!r}"
+            f"shift_size={self.shift_size}, mixer={mixer_label(self.mixer)!r}"
         )
 
     def _mask(self, H: int, W: int, shift: int, device: torch.device) -> torch.Tensor | None:
@@ -389,9 +444,11 @@ class SwinTransformer(nn.Module):
     """Swin Transformer (v1) whose window attention is windowed ACmix.
 
     The same code builds the baselines: ``mixer="attn"`` is plain Swin (the
-    paper's Swin-T / Swin-S baseline, Microsoft's keys), ``mixer="conv"`` the
-    convolution path alone. See the module docstring for the padding and
-    window decisions that let any input size run.
+    paper's Swin-T / Swin-S baseline, Microsoft's keys), ``mixer="acmix_conv"``
+    ACmix's convolution path alone, ``mixer="conv"`` a plain ``k x k``
+    convolution token mixer (see the module docstring). See the module
+    docstring also for the padding and window decisions that let any input
+    size run.
 
     Args:
         img_size: nominal input size ``H`` or ``(H, W)``; fixes each stage's
@@ -416,11 +473,13 @@ class SwinTransformer(nn.Module):
         attn_drop_rate: attention dropout.
         drop_path_rate: stochastic depth, linearly increasing over the blocks.
         norm_layer: normalisation layer.
-        mixer: ``"acmix"`` (default), ``"attn"`` (plain Swin) or ``"conv"``.
-        kernel_conv: kernel of the ACmix convolution path (the authors use 3).
-        shift_mode: ``"learnable"`` (default), ``"fixed"`` or ``"tensor"``
-            (see :class:`acmix.layers.ACmixBase`).
-        attn_backend: window attention backend (``"auto"``, ``"sdpa"``,
+        mixer: ``"acmix"`` (default), ``"attn"`` (plain Swin), ``"acmix_conv"``,
+            ``"conv"`` or a callable (see the module docstring).
+        conv_path: convolution options, a :class:`acmix.layers.ConvPathConfig`
+            or a dict of its fields: ``kernel_conv`` (the authors use 3),
+            ``shift_mode`` (``"learnable"`` (default), ``"fixed"`` or
+            ``"tensor"``, see :class:`acmix.layers.ACmixBase`).
+        backend: window attention backend (``"auto"``, ``"sdpa"``,
             ``"reference"``).
 
     Shape:
@@ -448,13 +507,13 @@ class SwinTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-        mixer: str = "acmix",
-        kernel_conv: int = 3,
-        shift_mode: str = "learnable",
-        attn_backend: str = "auto",
+        mixer: MixerSpec = "acmix",
+        conv_path: ConvPathLike = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
-        check_choice("mixer", mixer, tuple(MIXER_PATHS))
+        mixer = resolve_mixer(mixer, "Swin", SWIN_MIXERS)
+        conv_cfg = ConvPathConfig.from_value(conv_path)
         check_choice("global_pool", global_pool, ("avg", ""))
         depths, num_heads = tuple(depths), tuple(num_heads)
         if len(depths) != len(num_heads) or not depths:
@@ -475,6 +534,7 @@ class SwinTransformer(nn.Module):
         self.img_size = img_hw
         self.patch_size = patch_size
         self.mixer = mixer
+        self.conv_path = conv_cfg
         self.output_fmt = "NHWC"
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -491,7 +551,8 @@ class SwinTransformer(nn.Module):
             proj_drop=drop_rate,
             attn_drop=attn_drop_rate,
             mixer=mixer,
-            mixer_kwargs=dict(kernel_conv=kernel_conv, shift_mode=shift_mode, backend=attn_backend),
+            conv_path=conv_cfg,
+            backend=backend,
         )
         res = (math.ceil(img_hw[0] / patch_size), math.ceil(img_hw[1] / patch_size))
         self.feature_info: list[dict[str, Any]] = []

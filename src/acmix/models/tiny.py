@@ -3,7 +3,8 @@
 :class:`TinyNet` is a compact residual network (widths 32-128, five blocks)
 whose every spatial mixing layer comes from :func:`acmix.layers.create_mixer`,
 so ``mixer="acmix" | "conv" | "attn"`` build the three networks of the demo
-(``python -m acmix.demo_train``) from one code path:
+(``python -m acmix.demo_train``) from one code path (``"acmix_conv"`` and a
+callable work too, see :mod:`acmix.layers.factory`):
 
 ==================  ==========================================  =============
 timm name           layout                                      params (1000
@@ -20,7 +21,7 @@ No paper figures exist for it (``paper_*`` are ``None`` in its stats).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,7 +30,14 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from acmix.layers import MIXERS, ACmixBase, create_mixer
+from acmix.layers import (
+    ACmixBase,
+    ConvPathConfig,
+    ConvPathLike,
+    MixerSpec,
+    create_mixer,
+    resolve_mixer,
+)
 from acmix.models._common import no_decay_names
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
@@ -57,13 +65,16 @@ class TinyBlock(nn.Module):
         in_chs: input channels.
         out_chs: output channels (also the mixer's width).
         stride: stride of the mixer (1 or 2).
-        mixer: ``"acmix"``, ``"conv"`` or ``"attn"`` (:func:`acmix.layers.create_mixer`).
+        mixer: a name of :data:`acmix.layers.MIXERS` or a callable
+            ``mixer(out_chs, out_chs, stride=stride)`` (:func:`acmix.layers.create_mixer`).
         kernel_att: attention window.
-        head: attention heads (must divide ``out_chs``).
-        kernel_conv: convolution kernel.
+        num_heads: attention heads (must divide ``out_chs``).
+        conv_path: convolution options (:class:`acmix.layers.ConvPathConfig`).
+        padding_mode: attention border mode (:class:`acmix.layers.ACmix`).
+        backend: attention backend.
+        attn_weight: ``"dot"`` or ``"mlp"`` attention weights.
         norm: ``"batch"`` or ``"group"``.
         drop_path: stochastic-depth probability of the residual branch.
-        mixer_kwargs: further options of :class:`acmix.layers.ACmix`.
 
     Shape:
         ``(B, in_chs, H, W)`` -> ``(B, out_chs, ceil(H / stride), ceil(W / stride))``.
@@ -75,13 +86,15 @@ class TinyBlock(nn.Module):
         out_chs: int,
         stride: int = 1,
         *,
-        mixer: str = "acmix",
+        mixer: MixerSpec = "acmix",
         kernel_att: int = 7,
-        head: int = 4,
-        kernel_conv: int = 3,
+        num_heads: int = 4,
+        conv_path: ConvPathLike = None,
+        padding_mode: str = "auto",
+        backend: str = "auto",
+        attn_weight: str = "dot",
         norm: str = "batch",
         drop_path: float = 0.0,
-        mixer_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 1, bias=False)
@@ -91,10 +104,12 @@ class TinyBlock(nn.Module):
             out_chs,
             out_chs,
             stride,
-            kernel_conv=kernel_conv,
+            num_heads=num_heads,
             kernel_att=kernel_att,
-            head=head,
-            **dict(mixer_kwargs or {}),
+            conv_path=conv_path,
+            padding_mode=padding_mode,
+            backend=backend,
+            attn_weight=attn_weight,
         )
         self.norm2 = _norm(norm, out_chs)
         self.conv3 = nn.Conv2d(out_chs, out_chs, 1, bias=False)
@@ -127,13 +142,16 @@ class TinyNet(nn.Module):
     ``stem_stride=2`` gives 2, 4, 8, 16, the setting used for 28x28
     Fashion-MNIST (maps 14, 7, 4, 2).
 
-    The same code builds three networks (``mixer=``):
+    The same code builds every network of the mixer vocabulary (``mixer=``,
+    :mod:`acmix.layers.factory`):
 
     * ``"acmix"`` (default): every block's spatial layer is ACmix;
-    * ``"conv"``: a plain ``kernel_conv`` x ``kernel_conv`` convolution (the
-      convolutional baseline);
+    * ``"conv"``: a plain ``k x k`` convolution, ``k = conv_path.kernel_conv``
+      (the convolutional baseline);
     * ``"attn"``: ACmix's attention path only (local self-attention with
-      positional encoding; the attention baseline).
+      positional encoding; the attention baseline);
+    * ``"acmix_conv"``: ACmix's convolution path only;
+    * a callable ``mixer(in_chs, out_chs, stride=stride)`` returning an NCHW module.
 
     Mixers use ``padding_mode="auto"`` (reflection where the map allows it,
     masked zero padding on maps of ``<= kernel_att // 2`` pixels), so any
@@ -142,21 +160,25 @@ class TinyNet(nn.Module):
     Args:
         num_classes: classifier outputs (0: ``forward`` returns pooled features).
         in_chans: input channels (1 for Fashion-MNIST).
-        mixer: ``"acmix"``, ``"conv"`` or ``"attn"``.
+        mixer: ``"acmix"``, ``"conv"``, ``"attn"``, ``"acmix_conv"`` or a callable.
         widths: channels of the four stages (the stem has ``widths[0]``).
         depths: blocks per stage.
         stem_stride: 1, 2, 4 or 8.
         kernel_att: attention window of the mixers.
-        head: attention heads of the mixers (divides every width).
-        kernel_conv: convolution kernel of the mixers.
+        num_heads: attention heads of the mixers (divides every width).
+        conv_path: convolution options of the mixers, a
+            :class:`acmix.layers.ConvPathConfig` or a dict of its fields.
         norm: ``"batch"`` (default) or ``"group"`` (batch-independent; a
             distributed run then equals a one-process run of the same global
             batch up to float round-off).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly over the blocks.
         global_pool: timm pooling type of the head.
-        mixer_kwargs: further options of :class:`acmix.layers.ACmix` (ignored by
-            ``mixer="conv"``).
+        padding_mode: attention border mode of the mixers (default ``"auto"``).
+        backend: attention backend of the mixers.
+        attn_weight: ``"dot"`` (default) or ``"mlp"`` attention weights.
+            ``padding_mode``, ``backend`` and ``attn_weight`` are unused by
+            ``"conv"`` and by a callable.
 
     Shape:
         ``(B, in_chans, H, W)`` -> ``(B, num_classes)``.
@@ -167,18 +189,20 @@ class TinyNet(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         *,
-        mixer: str = "acmix",
+        mixer: MixerSpec = "acmix",
         widths: Sequence[int] = (32, 64, 96, 128),
         depths: Sequence[int] = (1, 1, 2, 1),
         stem_stride: int = 4,
         kernel_att: int = 7,
-        head: int = 4,
-        kernel_conv: int = 3,
+        num_heads: int = 4,
+        conv_path: ConvPathLike = None,
         norm: str = "batch",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
-        mixer_kwargs: Mapping[str, Any] | None = None,
+        padding_mode: str = "auto",
+        backend: str = "auto",
+        attn_weight: str = "dot",
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -189,17 +213,18 @@ class TinyNet(nn.Module):
             raise ValueError(f"depths must be 4 positive block counts, got {depths}")
         if stem_stride not in (1, 2, 4, 8):
             raise ValueError(f"stem_stride must be 1, 2, 4 or 8, got {stem_stride}")
-        check_choice("mixer", mixer, MIXERS)
+        mixer = resolve_mixer(mixer, "TinyNet")
+        conv_cfg = ConvPathConfig.from_value(conv_path)
         check_choice("norm", norm, NORMS)
         check_positive_int("in_chans", in_chans)
-        if mixer != "conv" and any(w % head for w in widths):
-            raise ValueError(f"head={head} must divide every width, got widths {widths}")
+        if mixer in ("acmix", "attn", "acmix_conv") and any(w % num_heads for w in widths):
+            raise ValueError(f"num_heads={num_heads} must divide every width, got widths {widths}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_classes = num_classes
         self.mixer = mixer
+        self.conv_path = conv_cfg
         self.grad_checkpointing = False
-        mixer_kwargs = {"padding_mode": "auto", **dict(mixer_kwargs or {})}
 
         # Stem: (B, in_chans, H, W) -> (B, widths[0], H / stem_stride, W / stem_stride).
         layers: list[tuple[str, nn.Module]] = []
@@ -232,11 +257,13 @@ class TinyNet(nn.Module):
                         stride if j == 0 else 1,
                         mixer=mixer,
                         kernel_att=kernel_att,
-                        head=head,
-                        kernel_conv=kernel_conv,
+                        num_heads=num_heads,
+                        conv_path=conv_cfg,
+                        padding_mode=padding_mode,
+                        backend=backend,
+                        attn_weight=attn_weight,
                         norm=norm,
                         drop_path=dpr[k],
-                        mixer_kwargs=mixer_kwargs if mixer != "conv" else None,
                     )
                 )
                 chs, k = width, k + 1
