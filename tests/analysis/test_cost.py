@@ -111,3 +111,12 @@ def test_cli_analyze_inspect_flops(tmp_path, capsys) -> None:
     assert main(["flops", "acmix_resnet26", "--img-size", "64", "--per-layer"]) == 0
     assert "| layer1 |" in capsys.readouterr().out
     assert main(["flops", "no_such_model"]) == 2
+
+
+def test_shift_sum_conv_is_the_convolution_it_counts() -> None:
+    from acmix.analysis.cost import ShiftSumConv
+
+    m = ShiftSumConv(5, 3).double()
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    weight = m.proj.weight.view(3, 3, 5, 5).permute(2, 3, 0, 1)
+    torch.testing.assert_close(m(x), torch.nn.functional.conv2d(x, weight, padding=1))

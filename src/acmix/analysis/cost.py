@@ -34,7 +34,8 @@ from torch import nn
 from acmix.analysis.flops import count_macs, count_params
 from acmix.analysis.plotting import pyplot, save_figure
 from acmix.analysis.timing import time_fn
-from acmix.layers import ACmix, shift_sum
+from acmix.layers import ACmix
+from acmix.ops import conv2d_as_shift_sum
 
 __all__ = [
     "PAPER_CHANNELS",
@@ -65,13 +66,10 @@ class ShiftSumConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)``."""
-        B, C, H, W = x.shape
-        maps = self.proj(x).view(B, self.kernel**2, C, H, W).transpose(1, 2)
-        return shift_sum(maps, self.kernel)
-
-    def uncounted_macs(self, inputs: tuple, output: torch.Tensor) -> int:
-        """The shift-and-sum adds: ``k^2`` per output element."""
-        return self.kernel**2 * output.numel()
+        k, C = self.kernel, x.shape[1]
+        # proj's weight, channel p * C + o, is the k x k kernel read position-major.
+        weight = self.proj.weight.view(k, k, C, C).permute(2, 3, 0, 1)
+        return conv2d_as_shift_sum(x, weight)
 
 
 @dataclass
