@@ -1,8 +1,9 @@
 """The paper's backbones, registered with timm on import.
 
 One configurable class per family; the token mixer is a config value
-(``mixer="acmix" | "conv" | "attn"``), so the plain baselines come from the
-same code.
+(``mixer="acmix" | "attn" | "acmix_conv" | "conv"`` or a callable, one meaning
+per name in every family: :mod:`acmix.layers.factory`), so the plain
+baselines come from the same code.
 """
 
 # Model families (each registers its variants with timm on import):
