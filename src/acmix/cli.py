@@ -550,7 +550,7 @@ def _configure_analyze(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256, 512])
     c.add_argument("--sizes", type=int, nargs="+", default=[56, 28, 14, 7])
-    c.add_argument("--heads", type=int, default=4)
+    c.add_argument("--num-heads", type=int, default=4, help="attention heads N")
     c.add_argument("--kernel-att", type=int, default=7)
     c.add_argument("--kernel-conv", type=int, default=3)
     c.add_argument("--time", action="store_true", help="also time each stage on this machine")
@@ -584,7 +584,7 @@ def analyze(args: argparse.Namespace) -> int:
                 args.out_planes,
                 args.kernel,
                 args.size,
-                heads=args.heads,
+                num_heads=args.num_heads,
                 kernel_att=args.kernel_att,
                 stride=args.stride,
             )
@@ -593,7 +593,7 @@ def analyze(args: argparse.Namespace) -> int:
     rows = cost_table(
         tuple(args.channels),
         tuple(args.sizes),
-        heads=args.heads,
+        num_heads=args.num_heads,
         kernel_att=args.kernel_att,
         kernel_conv=args.kernel_conv,
         measure_time=args.time,

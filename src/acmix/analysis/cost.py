@@ -141,7 +141,7 @@ def cost_table(
     channels: tuple[int, ...] = PAPER_CHANNELS,
     sizes: tuple[int, ...] = PAPER_SIZES,
     *,
-    heads: int = 4,
+    num_heads: int = 4,
     kernel_att: int = 7,
     kernel_conv: int = 3,
     kernel: int = 3,
@@ -152,7 +152,7 @@ def cost_table(
     Args:
         channels: widths ``C`` (``C_in = C_out``).
         sizes: square map sizes ``H``.
-        heads: attention heads ``N``.
+        num_heads: attention num_heads ``N``.
         kernel_att: attention window ``k_a``.
         kernel_conv: ACmix conv-path kernel ``k_c``.
         kernel: the plain convolution's kernel ``k``.
@@ -166,8 +166,10 @@ def cost_table(
     for C in channels:
         for H in sizes:
             for name in ROW_NAMES:
-                s1p, s1m, s2p, s2m = _analytic(name, C, H, heads, kernel_att, kernel_conv, kernel)
-                stage1, full = _modules(name, C, heads, kernel_att, kernel_conv, kernel)
+                s1p, s1m, s2p, s2m = _analytic(
+                    name, C, H, num_heads, kernel_att, kernel_conv, kernel
+                )
+                stage1, full = _modules(name, C, num_heads, kernel_att, kernel_conv, kernel)
                 full.eval()
                 x = torch.randn(1, C, H, H)
                 counted_total = count_macs(full, x).total
@@ -278,13 +280,13 @@ def compare_with_conv(
     kernel: int = 3,
     size: int = 56,
     *,
-    heads: int = 4,
+    num_heads: int = 4,
     kernel_att: int = 7,
     stride: int = 1,
 ) -> str:
     """Answer "ACmix(in -> out) vs the k x k conv it replaces": params, MACs, time, per image."""
     conv = nn.Conv2d(in_planes, out_planes, kernel, stride=stride, padding=kernel // 2)
-    layer = ACmix(in_planes, out_planes, kernel_att, heads, kernel, stride, padding_mode="auto")
+    layer = ACmix(in_planes, out_planes, kernel_att, num_heads, kernel, stride, padding_mode="auto")
     x = torch.randn(1, in_planes, size, size)
     rows = []
     for name, m in ((f"Conv2d {kernel}×{kernel}", conv), ("ACmix", layer.eval())):
@@ -292,7 +294,7 @@ def compare_with_conv(
         rows.append((name, count_params(m), macs, _time_ms(m, x)))
     base = rows[0]
     lines = [
-        f"in={in_planes} out={out_planes} kernel={kernel} stride={stride} heads={heads} "
+        f"in={in_planes} out={out_planes} kernel={kernel} stride={stride} num_heads={num_heads} "
         f"kernel_att={kernel_att} at {size}×{size}, per image:",
         "| layer | params | ×conv | MMACs | ×conv | fwd ms (this machine) |",
         "|---|---|---|---|---|---|",

@@ -376,7 +376,7 @@ class ACmixConv2d(ACmix):
 
     ``kernel_size`` is the convolution path's kernel; ACmix is always
     "same"-padded, so ``padding`` must be ``kernel_size // 2`` or ``"same"``.
-    Heads default to the largest of 4, 2, 1 dividing ``out_channels``.
+    Heads (``num_heads``) default to the largest of 4, 2, 1 dividing ``out_channels``.
 
     Example:
         Replace the 3x3 convolutions of a network::
@@ -397,7 +397,7 @@ class ACmixConv2d(ACmix):
         dilation: 1 only.
         groups: 1 only.
         bias: accepted for signature compatibility; ACmix has its own biases.
-        heads: attention heads (default: largest of 4, 2, 1 dividing ``out_channels``).
+        num_heads: attention heads (default: largest of 4, 2, 1 dividing ``out_channels``).
         kernel_att: attention window (default 7).
         padding_mode: attention border mode; default ``"auto"`` so any map size works.
         **kwargs: other keyword options of :class:`ACmix`.
@@ -414,7 +414,7 @@ class ACmixConv2d(ACmix):
         groups: int = 1,
         bias: bool = True,
         *,
-        heads: int | None = None,
+        num_heads: int | None = None,
         kernel_att: int = 7,
         padding_mode: str = "auto",
         **kwargs: object,
@@ -427,14 +427,14 @@ class ACmixConv2d(ACmix):
             )
         if groups != 1:
             raise ValueError(f"ACmixConv2d supports groups=1 only, got groups={groups}")
-        if heads is None:
+        if num_heads is None:
             check_positive_int("out_channels", out_channels)
-            heads = next(h for h in (4, 2, 1) if out_channels % h == 0)
+            num_heads = next(h for h in (4, 2, 1) if out_channels % h == 0)
         super().__init__(
             in_channels,
             out_channels,
             kernel_att,
-            heads,
+            num_heads,
             kernel_size,
             stride,
             dilation,
