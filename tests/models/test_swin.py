@@ -13,7 +13,7 @@ import timm.optim
 import torch
 
 from acmix.analysis import count_macs, count_params
-from acmix.layers import WindowACmix, shifted_window_mask
+from acmix.layers import WindowACmix
 from acmix.models import MODEL_STATS
 from acmix.models.swin import (
     PatchMerging,
@@ -233,11 +233,49 @@ def test_attn_mixer_is_plain_swin_t() -> None:
 # -- windows, masks and padding -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "window", "shift"), [(14, 7, 3), (28, 7, 3), (8, 4, 2)])
-def test_mask_equals_swin_mask_without_padding(size: int, window: int, shift: int) -> None:
-    ours = window_attention_mask(size, size, window, shift)
-    assert torch.equal(ours, shifted_window_mask(size, size, window, shift))
-    assert window_attention_mask(size, size, window, 0) is None
+def _brute_force_mask(H: int, W: int, window: int, shift: int) -> torch.Tensor:
+    """Swin's rule token by token: same region -> 0, else -100, on the padded, rolled map.
+
+    A token of the rolled map at ``(r, c)`` came from ``((r + shift) % Hp, (c + shift) %
+    Wp)``; it is padding if that lies outside ``H x W``, and otherwise in the shifted
+    region given by the bands ``[0, -window), [-window, -shift), [-shift, end)`` of its
+    row and column (one region without shift). All padded tokens form one region.
+    """
+    Hp, Wp = math.ceil(H / window) * window, math.ceil(W / window) * window
+
+    def band(v: int, n: int) -> int:
+        return 0 if shift == 0 or v < n - window else (1 if v < n - shift else 2)
+
+    def region(r: int, c: int) -> tuple[int, int] | str:
+        if (r + shift) % Hp >= H or (c + shift) % Wp >= W:
+            return "pad"
+        return (band(r, Hp), band(c, Wp))
+
+    masks = []
+    for wr in range(Hp // window):
+        for wc in range(Wp // window):
+            tokens = [
+                region(wr * window + i, wc * window + j)
+                for i in range(window)
+                for j in range(window)
+            ]
+            masks.append([[0.0 if a == b else -100.0 for b in tokens] for a in tokens])
+    return torch.tensor(masks)
+
+
+@pytest.mark.parametrize(
+    ("H", "W", "window", "shift"),
+    [(14, 14, 7, 3), (8, 8, 4, 2), (9, 6, 4, 2), (9, 6, 4, 0), (5, 11, 3, 1), (7, 7, 7, 3)],
+)
+def test_mask_is_swin_rule_with_padding_region(H: int, W: int, window: int, shift: int) -> None:
+    ours = window_attention_mask(H, W, window, shift)
+    assert ours is not None and ours.dtype == torch.float32
+    assert torch.equal(ours, _brute_force_mask(H, W, window, shift))
+
+
+def test_mask_none_without_shift_or_padding() -> None:
+    assert window_attention_mask(14, 14, 7, 0) is None
+    assert window_attention_mask(8, 12, 4, 0) is None
 
 
 def _brute_force_window_attention(layer: WindowACmix, x: torch.Tensor, w: int) -> torch.Tensor:

@@ -59,11 +59,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
+from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import (
@@ -75,7 +72,14 @@ from acmix.layers import (
     call_mixer,
     resolve_mixer,
 )
-from acmix.models._common import check_image_input, no_decay_names
+from acmix.models._common import (
+    build_model,
+    check_image_input,
+    drop_path_rates,
+    feature_take_indices,
+    model_cfg,
+    no_decay_names,
+)
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_heads, check_positive_int
 
@@ -84,7 +88,6 @@ __all__ = [
     "PVT_MIXERS",
     "PVTBlock",
     "PVTStage",
-    "PatchEmbed",
     "PyramidVisionTransformer",
     "SRAttention",
     "checkpoint_filter_fn",
@@ -99,13 +102,6 @@ PVT_NO_CONV_MIXER = (
     "convolution-only token mixer would never let it see the image"
 )
 PVT_ATTN_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "reference")
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
 
 
 class SRAttention(ACmixBase):
@@ -314,27 +310,12 @@ class PVTBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patch embedding: conv (kernel = stride = patch) + LayerNorm.
-
-    Shape:
-        ``(B, C_in, H, W)`` -> tokens ``(B, (H // p) * (W // p), dim)`` and ``(H // p, W // p)``.
-    """
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        self.patch_size = check_positive_int("patch_size", patch_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(x)  # (B, dim, H', W')
-        H, W = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), (H, W)
-
-
 class PVTStage(nn.Module):
     """Patch embedding + position embedding (+ class token) + blocks.
+
+    The patch embedding is timm's ``PatchEmbed`` (conv with kernel = stride =
+    ``patch_size``, flattened to tokens, LayerNorm; keys ``patch_embed.proj`` /
+    ``patch_embed.norm`` as in PVT), at any input size (``floor(H / patch_size)``).
 
     Args:
         grid_size: the ``(H, W)`` grid at ``img_size`` that the position table covers.
@@ -362,7 +343,15 @@ class PVTStage(nn.Module):
         super().__init__()
         self.grid_size = grid_size
         self.num_prefix_tokens = 1 if cls_token else 0
-        self.patch_embed = PatchEmbed(patch_size, in_chs, dim)
+        check_positive_int("patch_size", patch_size)
+        self.patch_embed = PatchEmbed(
+            img_size=None,
+            patch_size=patch_size,
+            in_chans=in_chs,
+            embed_dim=dim,
+            norm_layer=nn.LayerNorm,
+            strict_img_size=False,
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = nn.Parameter(
             torch.zeros(1, self.num_prefix_tokens + grid_size[0] * grid_size[1], dim)
@@ -396,7 +385,8 @@ class PVTStage(nn.Module):
         return torch.cat((self.pos_embed[:, :P], grid.flatten(2).transpose(1, 2)), 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x, (H, W) = self.patch_embed(x)  # (B, H*W, dim)
+        H, W = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        x = self.patch_embed(x)  # (B, H*W, dim)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), 1)
         x = self.pos_drop(x + self.position_embedding(H, W))
@@ -500,14 +490,18 @@ class PyramidVisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.num_stages = n
         self.num_prefix_tokens = 1
+        #: ``forward_features`` / ``forward_head(global_pool="")`` give tokens (B, 1 + h*w, C).
+        self.output_fmt = "NLC"
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dims[-1]
         self.patch_size = patch_size
-        self.img_size = _pair(img_size)
+        img_hw = to_2tuple(img_size)
+        if len(img_hw) != 2:
+            raise ValueError(f"img_size must be an int or (H, W), got {img_size!r}")
+        self.img_size = (int(img_hw[0]), int(img_hw[1]))
 
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        dpr = drop_path_rates(drop_path_rate, depths)
         grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        stages, cur, prev = [], 0, in_chans
+        stages, prev = [], in_chans
         self.feature_info = []
         for i in range(n):
             if i > 0:
@@ -524,7 +518,7 @@ class PyramidVisionTransformer(nn.Module):
                     sr_ratios[i],
                     cls_token=i == n - 1,
                     pos_drop=pos_drop_rate,
-                    drop_path=dpr[cur : cur + depths[i]],
+                    drop_path=dpr[i],
                     qkv_bias=qkv_bias,
                     qk_scale=qk_scale,
                     proj_drop=proj_drop_rate,
@@ -537,7 +531,6 @@ class PyramidVisionTransformer(nn.Module):
             self.feature_info.append(
                 dict(num_chs=embed_dims[i], reduction=patch_size * 2**i, module=f"stages.{i}")
             )
-            cur += depths[i]
             prev = embed_dims[i]
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
@@ -582,7 +575,15 @@ class PyramidVisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (``num_classes=0`` removes it)."""
+        """Replace the classifier (``num_classes=0`` removes it).
+
+        Args:
+            num_classes: outputs of the new classifier (0: none).
+            global_pool: ``"token"`` (class token), ``"avg"`` (mean of the grid
+                tokens), ``""`` (no pooling: ``forward`` then returns the normalised
+                token sequence ``(B, 1 + h*w, C)``, as timm's class-token ViTs do) or
+                ``None`` (keep the current one).
+        """
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = check_choice("global_pool", global_pool, ("token", "avg", ""))
@@ -601,24 +602,27 @@ class PyramidVisionTransformer(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward returning the stage outputs as NCHW maps.
+        """Forward returning the stage outputs (grid tokens, the class token dropped).
 
         Args:
             x: ``(B, in_chans, H, W)``.
-            indices: stages to return (``None``: all; an int ``n``: the last ``n``).
+            indices: stages to return (``None``: all; an int ``n``: the last ``n``;
+                negative indices count from the end).
             norm: apply the final LayerNorm to the last stage's map.
             stop_early: stop after the last requested stage.
-            output_fmt: ``"NCHW"`` only.
+            output_fmt: ``"NCHW"`` (maps ``(B, C_i, h_i, w_i)``) or ``"NLC"`` (grid
+                tokens ``(B, h_i * w_i, C_i)``).
             intermediates_only: return only the list of maps.
 
         Returns:
-            The list of ``(B, C_i, H / s_i, W / s_i)`` maps, or ``(tokens, list)`` with
-            ``tokens`` the final normalised ``(B, 1 + h*w, C)`` sequence.
+            The list of stage outputs, or ``(tokens, list)`` with ``tokens`` what
+            ``forward_features`` returns (the normalised ``(B, 1 + h*w, C)``
+            sequence; with ``stop_early`` before the last stage, the tokens of the
+            last stage run).
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_choice("output_fmt", output_fmt, ("NCHW", "NLC"))
         self._check_input(x)
-        take, max_index = feature_take_indices(len(self.stages), indices)
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
         last = max_index if stop_early else len(self.stages) - 1
         intermediates = []
         B = x.shape[0]
@@ -631,16 +635,28 @@ class PyramidVisionTransformer(nn.Module):
                 grid = self.norm(grid)
             x = grid.transpose(1, 2).reshape(B, -1, H, W)
             if i in take:
-                intermediates.append(x)
+                intermediates.append(x if output_fmt == "NCHW" else grid)
         if intermediates_only:
             return intermediates
+        if last < self.num_stages - 1:
+            return tokens, intermediates
         return self.norm(tokens), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages after the last requested one (and the head)."""
-        take, max_index = feature_take_indices(len(self.stages), indices)
+        """Drop the stages after the last requested one (timm's contract).
+
+        Args:
+            indices: the stages that will be requested (as in :meth:`forward_intermediates`).
+            prune_norm: remove the final LayerNorm (it is removed anyway when the
+                last stage is pruned).
+            prune_head: remove the classifier and the pooling (``reset_classifier(0, "")``).
+
+        Returns:
+            The absolute stage indices.
+        """
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
         self.stages = self.stages[: max_index + 1]
         if prune_norm or max_index < self.num_stages - 1:
             self.norm = nn.Identity()
@@ -716,45 +732,49 @@ def checkpoint_filter_fn(
 
 
 def _resample_pos_embed(pe: torch.Tensor, new_len: int, prefix: int) -> torch.Tensor:
-    """Bilinearly resample a square ``(1, P + n*n, C)`` table to ``P + m*m = new_len`` tokens."""
+    """Bilinearly resample a square ``(1, P + n*n, C)`` table to ``P + m*m = new_len`` tokens.
+
+    timm's ``resample_abs_pos_embed`` (in float32, no antialiasing), after checking
+    that both grids are square (a checkpoint's table does not say its grid's shape).
+    """
     old, new = math.isqrt(pe.shape[1] - prefix), math.isqrt(new_len - prefix)
     if old * old != pe.shape[1] - prefix or new * new != new_len - prefix:
         raise ValueError(
             f"cannot resample a position table of {pe.shape[1]} tokens to {new_len}: only "
             f"square grids are resampled"
         )
-    grid = pe[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(new, new), mode="bilinear", align_corners=False)
-    return torch.cat((pe[:, :prefix], grid.to(pe.dtype).flatten(2).transpose(1, 2)), 1)
+    return resample_abs_pos_embed(
+        pe,
+        [new, new],
+        [old, old],
+        num_prefix_tokens=prefix,
+        interpolation="bilinear",
+        antialias=False,
+    )
 
 
 def _create_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
+    return build_model(
         PyramidVisionTransformer,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stages.0.patch_embed.proj",
-        "classifier": "head",
-        "fixed_input_size": False,
+    # The output is a token sequence (class token + grid, model.output_fmt "NLC"):
+    # pool_size None, as timm's class-token models (ViT, DeiT, CaiT, ...) declare it.
+    return model_cfg(
+        first_conv="stages.0.patch_embed.proj",
+        classifier="head",
+        pool_size=None,
+        crop_pct=0.9,
+        interpolation="bicubic",
+        notes=("No weights exist for the ACmix PVT models (our reconstruction).",),
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs({"acmix_pvt_tiny": _cfg(), "acmix_pvt_small": _cfg()})

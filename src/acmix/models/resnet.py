@@ -36,10 +36,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, create_classifier
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import (
@@ -52,7 +50,13 @@ from acmix.layers import (
     create_mixer,
     resolve_mixer,
 )
-from acmix.models._common import no_decay_names
+from acmix.models._common import (
+    build_model,
+    drop_path_rates,
+    feature_take_indices,
+    model_cfg,
+    no_decay_names,
+)
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
 from acmix.utils.io import check_shapes, unwrap_state_dict
@@ -261,11 +265,9 @@ class ResNet(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        total_blocks = sum(layers)
-        dpr = [drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
+        dpr = drop_path_rates(drop_path_rate, layers)
         in_chs = stem_chs
         reduction = 4
-        block_idx = 0
         self.feature_info: list[dict[str, Any]] = []
         for i, (depth, width) in enumerate(zip(layers, widths, strict=True)):
             stride = 1 if i == 0 else 2
@@ -280,12 +282,9 @@ class ResNet(nn.Module):
                         nn.BatchNorm2d(width * EXPANSION),
                     )
                 blocks.append(
-                    Bottleneck(
-                        in_chs, width, s, downsample, drop_path=dpr[block_idx], **block_kwargs
-                    )
+                    Bottleneck(in_chs, width, s, downsample, drop_path=dpr[i][j], **block_kwargs)
                 )
                 in_chs = width * EXPANSION
-                block_idx += 1
             name = f"layer{i + 1}"
             self.add_module(name, nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
@@ -345,13 +344,17 @@ class ResNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        """Replace the head with a fresh one of ``num_classes`` outputs (0: no classifier)."""
+        """Replace the head with a fresh one of ``num_classes`` outputs (0: no classifier).
+
+        ``global_pool=""`` removes the pooling too: ``forward`` then returns the
+        unpooled ``(B, num_features, h, w)`` map (timm's convention).
+        """
         self.num_classes = num_classes
         self.global_pool, self.fc = create_classifier(
             self.num_features, num_classes, pool_type=global_pool
         )
 
-    def _stages(self) -> list[nn.Sequential]:
+    def _stages(self) -> list[nn.Module]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,21 +393,22 @@ class ResNet(nn.Module):
 
         Args:
             x: ``(B, in_chans, H, W)``.
-            indices: stages to return (0-3): last ``n`` if an int, all if ``None``.
+            indices: stages to return (0-3): last ``n`` if an int, all if ``None``;
+                negative indices count from the end.
             norm: unused (ResNets have no final norm); accepted for the timm API.
-            stop_early: stop after the last requested stage.
+            stop_early: stop after the last requested stage (the returned final
+                map is then that stage's output).
             output_fmt: ``"NCHW"`` only.
             intermediates_only: return only the list of stage outputs.
 
         Returns:
-            The stage outputs ``(B, C_i, ceil(H / r_i), ceil(W / r_i))`` (with the
-            final features first unless ``intermediates_only``).
+            The stage outputs ``(B, C_i, ceil(H / r_i), ceil(W / r_i))``, or
+            ``(final, outputs)`` with ``final`` what ``forward_features`` returns.
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, max_index = feature_take_indices(4, indices)
+        check_choice("output_fmt", output_fmt, ("NCHW",))
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
         stages = self._stages()
-        if stop_early:
+        if stop_early and not torch.jit.is_scripting():
             stages = stages[: max_index + 1]
         x = self.forward_stem(x)
         out: list[torch.Tensor] = []
@@ -418,6 +422,29 @@ class ResNet(nn.Module):
         if intermediates_only:
             return out
         return x, out
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop what the requested stages do not need (timm's contract).
+
+        The stages after the last requested one become empty ``nn.Sequential``
+        (identities; their ``feature_info`` entries stay, so indices keep their meaning).
+
+        Args:
+            indices: the stages that will be requested (as in :meth:`forward_intermediates`).
+            prune_norm: unused (no final norm).
+            prune_head: remove the classifier and the pooling (``reset_classifier(0, "")``).
+
+        Returns:
+            The absolute stage indices.
+        """
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        for i in range(max_index + 1, len(self.feature_info)):
+            setattr(self, f"layer{i + 1}", nn.Sequential())
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -472,26 +499,15 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     torchvision ``Resize(256)`` (bilinear) + ``CenterCrop(224)``, i.e. crop_pct
     0.875, and the ImageNet mean / std.
     """
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "license": "mit",
-        "paper_ids": "arXiv:2111.14556",
-        "paper_name": "On the Integration of Self-Attention and Convolution",
-        "notes": (
+    return model_cfg(
+        first_conv="conv1",
+        classifier="fc",
+        notes=(
             "The authors released no ImageNet weights for the ACmix ResNets; load your own or "
             "theirs with pretrained_cfg_overlay=dict(file=...).",
         ),
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs(
@@ -517,13 +533,8 @@ def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Res
             "num_classes": kwargs.get("num_classes", 1000),
             **overlay,
         }
-    return build_model_with_cfg(
-        ResNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-        **kwargs,
+    return build_model(
+        ResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )
 
 

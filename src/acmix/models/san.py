@@ -85,11 +85,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, SelectAdaptivePool2d
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
+from timm.layers import DropPath, create_classifier
+from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -106,7 +103,14 @@ from acmix.layers import (
     resolve_mixer,
     resolve_padding,
 )
-from acmix.models._common import check_image_input, no_decay_names
+from acmix.models._common import (
+    build_model,
+    check_image_input,
+    drop_path_rates,
+    feature_take_indices,
+    model_cfg,
+    no_decay_names,
+)
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
 
@@ -780,17 +784,16 @@ class SAN(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = _Stem(in_chans, stem_width)
-        n = sum(depths)
-        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
-        stages, cur, prev = [], 0, stem_width
-        for d, k, c in zip(depths, kernels, widths, strict=True):
+        dpr = drop_path_rates(drop_path_rate, depths)
+        stages, prev = [], stem_width
+        for d, k, c, rates in zip(depths, kernels, widths, dpr, strict=True):
             stages.append(
                 SANStage(
                     prev,
                     c,
                     d,
                     k,
-                    drop_path=dpr[cur : cur + d],
+                    drop_path=rates,
                     rel_ratio=rel_ratio,
                     mid_ratio=mid_ratio,
                     share_planes=share_planes,
@@ -800,7 +803,6 @@ class SAN(nn.Module):
                     backend=backend,
                 )
             )
-            cur += d
             prev = c
         self.stages = nn.Sequential(*stages)
         # Four feature levels: the last four stages (strides 4, 8, 16, 32 for 5 stages).
@@ -809,9 +811,10 @@ class SAN(nn.Module):
             dict(num_chs=widths[i], reduction=2 ** (i + 1), module=f"stages.{i}")
             for i in range(first, self.num_stages)
         ]
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool, self.fc = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool
+        )
         self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     # ---- timm surface ------------------------------------------------------------------
 
@@ -838,11 +841,20 @@ class SAN(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (``num_classes=0`` removes it)."""
+        """Replace the classifier (``num_classes=0`` removes it).
+
+        Args:
+            num_classes: outputs of the new classifier (0: none).
+            global_pool: new pooling type (``None``: keep the current one); ``""``
+                removes the pooling, so that ``forward`` returns the unpooled
+                ``(B, num_features, h, w)`` map (timm's convention).
+        """
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_input(
@@ -862,17 +874,19 @@ class SAN(nn.Module):
 
         Args:
             x: ``(B, in_chans, H, W)``.
-            indices: feature levels to return (``None``: all four; an int ``n``: the last ``n``).
+            indices: feature levels to return (``None``: all four; an int ``n``: the last
+                ``n``; negative indices count from the end).
             norm: unused (each stage ends with its own BN + ReLU).
-            stop_early: stop after the last requested level.
+            stop_early: stop after the last requested level (the returned final map is
+                then that level).
             output_fmt: ``"NCHW"`` only.
             intermediates_only: return only the list of features.
 
         Returns:
-            The list of ``(B, C_i, H / s_i, W / s_i)`` maps, or ``(final, list)``.
+            The list of ``(B, C_i, H / s_i, W / s_i)`` maps, or ``(final, list)`` with
+            ``final`` what ``forward_features`` returns.
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_choice("output_fmt", output_fmt, ("NCHW",))
         self._check_input(x)
         levels = len(self.feature_info)
         first = self.num_stages - levels
@@ -893,7 +907,16 @@ class SAN(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages after the last requested feature level (and the head)."""
+        """Drop the stages after the last requested feature level (timm's contract).
+
+        Args:
+            indices: the levels that will be requested (as in :meth:`forward_intermediates`).
+            prune_norm: unused (no final norm: each stage ends with its own BN + ReLU).
+            prune_head: remove the classifier and the pooling (``reset_classifier(0, "")``).
+
+        Returns:
+            The absolute level indices.
+        """
         levels = len(self.feature_info)
         take, max_index = feature_take_indices(levels, indices)
         self.stages = self.stages[: self.num_stages - levels + max_index + 1]
@@ -907,7 +930,10 @@ class SAN(nn.Module):
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool ``(B, C, h, w)`` -> ``(B, C)``, then the classifier unless ``pre_logits``."""
+        """Pool ``(B, C, h, w)`` -> ``(B, C)``, then the classifier unless ``pre_logits``.
+
+        With ``global_pool=""`` (no pooling) the map stays ``(B, C, h, w)``.
+        """
         x = self.head_drop(self.global_pool(x))
         return x if pre_logits else self.fc(x)
 
@@ -944,32 +970,18 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SAN) -> dic
 
 
 def _create_san(variant: str, pretrained: bool = False, **kwargs: Any) -> SAN:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        SAN,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
+    return build_model(
+        SAN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv",
-        "classifier": "fc",
-        "fixed_input_size": False,
+    return model_cfg(
+        first_conv="stem.conv",
+        classifier="fc",
+        notes=("No weights exist for the ACmix SAN models (our reconstruction).",),
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs(

@@ -61,11 +61,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq
-from timm.models._features import feature_take_indices
-from timm.models._registry import generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.models import adapt_input_conv, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import (
@@ -78,8 +75,11 @@ from acmix.layers import (
     call_mixer,
     relative_position_index,
     resolve_mixer,
+    shifted_window_mask,
+    window_partition,
 )
 from acmix.layers.factory import mixer_label
+from acmix.models._common import build_model, drop_path_rates, feature_take_indices, model_cfg
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
 from acmix.utils.io import load_checkpoint_file, unwrap_checkpoint, unwrap_state_dict
@@ -88,7 +88,6 @@ __all__ = [
     "MIXER_PATHS",
     "SWIN_MIXERS",
     "ConvTokenMixer",
-    "PatchEmbed",
     "PatchMerging",
     "SwinACmixBlock",
     "SwinStage",
@@ -107,12 +106,14 @@ SWIN_MIXERS: tuple[str, ...] = MIXERS
 _MASK_VALUE = -100.0
 
 
-def _to_2tuple(name: str, value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (check_positive_int(name, value),) * 2  # type: ignore[return-value]
-    if isinstance(value, Sequence) and len(value) == 2:
-        return (check_positive_int(name, value[0]), check_positive_int(name, value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints (H, W), got {value!r}")
+def _positive_pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    """timm's ``to_2tuple`` of ``value``, checked to be two ints >= 1."""
+    if not isinstance(value, int | Sequence) or isinstance(value, str):
+        raise TypeError(f"{name} must be an int or a pair of ints (H, W), got {value!r}")
+    pair = to_2tuple(value)
+    if len(pair) != 2:
+        raise TypeError(f"{name} must be an int or a pair of ints (H, W), got {value!r}")
+    return (check_positive_int(name, pair[0]), check_positive_int(name, pair[1]))
 
 
 def window_attention_mask(
@@ -125,6 +126,8 @@ def window_attention_mask(
     shifted-window regions when ``shift > 0`` and one extra region for the
     padded tokens; a query attends only to keys of its own region (0),
     others get -100, as in Swin. Without shift and padding no mask is needed.
+    The shifted-window part is :func:`acmix.layers.shifted_window_mask` of the
+    padded map; the padded tokens' region is laid over it.
 
     Args:
         H, W: map size before padding.
@@ -139,63 +142,18 @@ def window_attention_mask(
     Hp, Wp = math.ceil(H / window) * window, math.ceil(W / window) * window
     if shift == 0 and Hp == H and Wp == W:
         return None
-    region = torch.zeros(Hp, Wp, dtype=torch.long, device=device)
-    if shift > 0:
-        cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-        for i, hs in enumerate(cuts):
-            for j, ws in enumerate(cuts):
-                region[hs, ws] = 3 * i + j
+    mask = shifted_window_mask(Hp, Wp, window, shift)  # (nW, L, L); all 0 for shift 0
     if Hp != H or Wp != W:
-        pad = torch.zeros(Hp, Wp, dtype=torch.bool, device=device)
-        pad[H:, :] = True
-        pad[:, W:] = True
+        pad = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool)
+        pad[:, H:] = True
+        pad[:, :, W:] = True
         if shift > 0:  # where the padded tokens sit after the roll
-            pad = torch.roll(pad, shifts=(-shift, -shift), dims=(0, 1))
-        region = region.masked_fill(pad, -1)
-    # (Hp, Wp) -> (nW, L) windows in raster order.
-    win = region.view(Hp // window, window, Wp // window, window).permute(0, 2, 1, 3)
-    win = win.reshape(-1, window * window)
-    differs = win.unsqueeze(1) != win.unsqueeze(2)  # (nW, L_query, L_key)
-    return torch.zeros(differs.shape, device=device).masked_fill(differs, _MASK_VALUE)
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch x patch`` convolution + LayerNorm.
-
-    Args:
-        patch_size: patch size (stride of the convolution).
-        in_chans: input channels.
-        embed_dim: output channels.
-        norm_layer: normalisation over channels (``None``: none).
-
-    Shape:
-        ``(B, in_chans, H, W)`` -> ``(B, ceil(H / p), ceil(W / p), embed_dim)``
-        (channels-last); the image is zero-padded bottom / right to a multiple
-        of the patch size.
-    """
-
-    def __init__(
-        self,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        embed_dim: int = 96,
-        norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
-    ) -> None:
-        super().__init__()
-        self.patch_size = check_positive_int("patch_size", patch_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, H, W)`` -> ``(B, H / p, W / p, C)`` channels-last."""
-        if x.ndim != 4:
-            raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        p = self.patch_size
-        pad_h, pad_w = -x.shape[2] % p, -x.shape[3] % p
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        x = self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
-        return self.norm(x)
+            pad = torch.roll(pad, shifts=(-shift, -shift), dims=(1, 2))
+        win = window_partition(pad, (window, window)).squeeze(-1)  # (nW, L)
+        q, k = win.unsqueeze(2), win.unsqueeze(1)  # (nW, L_query, 1), (nW, 1, L_key)
+        # Padded tokens are one region of their own, whatever shifted window they sit in.
+        mask = mask.masked_fill(q & k, 0.0).masked_fill(q != k, _MASK_VALUE)
+    return mask.to(device)
 
 
 class PatchMerging(nn.Module):
@@ -527,7 +485,8 @@ class SwinTransformer(nn.Module):
         check_positive_int("window_size", window_size)
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        img_hw = _to_2tuple("img_size", img_size)
+        img_hw = _positive_pair("img_size", img_size)
+        check_positive_int("patch_size", patch_size)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -540,10 +499,23 @@ class SwinTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (len(depths) - 1)
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer)
+        # timm's PatchEmbed: conv (kernel = stride = patch) on the image zero-padded
+        # bottom / right to a multiple of the patch, channels-last, then norm_layer
+        # -> (B, ceil(H / p), ceil(W / p), embed_dim); keys patch_embed.proj / .norm.
+        self.patch_embed = PatchEmbed(
+            img_size=None,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            norm_layer=norm_layer,
+            output_fmt="NHWC",
+            strict_img_size=False,
+            dynamic_img_pad=True,
+        )
         self.pos_drop = nn.Dropout(drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        # The official schedule: torch.linspace's float32 values.
+        dpr = drop_path_rates(drop_path_rate, depths, linspace=True)
         block_kwargs = dict(
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
@@ -564,7 +536,6 @@ class SwinTransformer(nn.Module):
                 win, shift = min(res), 0
             else:
                 win, shift = window_size, window_size // 2
-            start = sum(depths[:i])
             stages.append(
                 SwinStage(
                     dim,
@@ -573,7 +544,7 @@ class SwinTransformer(nn.Module):
                     window_size=win,
                     shift_size=shift,
                     downsample=i < len(depths) - 1,
-                    drop_path=dpr[start : start + depth],
+                    drop_path=dpr[i],
                     norm_layer=norm_layer,
                     **block_kwargs,
                 )
@@ -641,7 +612,14 @@ class SwinTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a new ``num_classes`` head (0: none)."""
+        """Replace the head with a new ``num_classes`` head (0: none).
+
+        Args:
+            num_classes: outputs of the new head (0: none).
+            global_pool: ``"avg"``, ``""`` (no pooling: ``forward`` then returns the
+                unpooled channels-last map ``(B, h, w, num_features)``, as timm's
+                Swin does) or ``None`` (keep the current one).
+        """
         if global_pool is not None:
             self.global_pool = check_choice("global_pool", global_pool, ("avg", ""))
         self.num_classes = num_classes
@@ -654,9 +632,15 @@ class SwinTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):
             self._init_weights(self.head)
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding (+ dropout): ``(B, C_in, H, W)`` -> ``(B, H/p, W/p, C)``."""
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        return self.pos_drop(self.patch_embed(x))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` -> normalised last-stage map ``(B, H/32, W/32, C)``."""
-        x = self.pos_drop(self.patch_embed(x))
+        x = self._embed(x)
         x = self.layers(x)
         return self.norm(x)
 
@@ -683,7 +667,8 @@ class SwinTransformer(nn.Module):
 
         Args:
             x: ``(B, C_in, H, W)``.
-            indices: stages to return: last ``n`` if an int, all if ``None``.
+            indices: stages to return: last ``n`` if an int, all if ``None``;
+                negative indices count from the end.
             norm: apply the final norm to the last stage's map.
             stop_early: stop after the last requested stage.
             output_fmt: ``"NCHW"`` (default) or ``"NHWC"``.
@@ -691,23 +676,30 @@ class SwinTransformer(nn.Module):
 
         Returns:
             The feature maps, stage ``i`` at stride ``patch_size * 2**i``
-            (``(B, C_i, H_i, W_i)`` for NCHW), optionally preceded by the final
-            normalised map ``(B, H/32, W/32, C)``.
+            (``(B, C_i, H_i, W_i)`` for NCHW), or ``(final, maps)`` with ``final``
+            what ``forward_features`` returns, the normalised map ``(B, H/32, W/32,
+            C)`` (with ``stop_early`` before the last stage: the last run stage's
+            map, channels-last, not normalised).
         """
         check_choice("output_fmt", output_fmt, ("NCHW", "NHWC"))
-        take, max_index = feature_take_indices(len(self.layers), indices)
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
         intermediates: list[torch.Tensor] = []
-        x = self.pos_drop(self.patch_embed(x))
-        last = len(self.layers) - 1
-        stages = self.layers if not stop_early else self.layers[: max_index + 1]
-        for i, stage in enumerate(stages):
+        x = self._embed(x)
+        last = self.num_layers - 1
+        stop = max_index if stop_early else len(self.layers) - 1
+        for i, stage in enumerate(self.layers):
+            if i > stop:
+                break
             x = stage.forward_blocks(x)
             if i in take:
                 feat = self.norm(x) if norm and i == last else x
                 intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
-            x = stage.downsample(x)
+            if i < stop:
+                x = stage.downsample(x)
         if intermediates_only:
             return intermediates
+        if stop < last:
+            return x, intermediates
         return self.norm(x), intermediates
 
     def prune_intermediate_layers(
@@ -716,8 +708,18 @@ class SwinTransformer(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> list[int]:
-        """Drop the stages (and head / norm) that the requested features do not need."""
-        take, max_index = feature_take_indices(len(self.layers), indices)
+        """Drop the stages (and head / norm) that the requested features do not need.
+
+        Args:
+            indices: the stages that will be requested (as in :meth:`forward_intermediates`).
+            prune_norm: remove the final norm (it is removed anyway when the last
+                stage is pruned).
+            prune_head: remove the head and the pooling (``reset_classifier(0, "")``).
+
+        Returns:
+            The absolute stage indices.
+        """
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
         self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = nn.Identity()
         if prune_norm or max_index < self.num_layers - 1:
@@ -841,7 +843,6 @@ def _create_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> SwinT
     overlay's ``num_classes`` defaults to the model's for the same reason.
     """
     depths = kwargs.get("depths", (2, 2, 6, 2))
-    out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
     if pretrained:
         overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
         if overlay.get("file") or overlay.get("url"):
@@ -849,38 +850,28 @@ def _create_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> SwinT
         if overlay.get("state_dict") is not None:
             overlay.setdefault("num_classes", kwargs.get("num_classes", 1000))
         kwargs["pretrained_cfg_overlay"] = overlay
-    return build_model_with_cfg(
+    return build_model(
         SwinTransformer,
         variant,
         pretrained,
         pretrained_filter_fn=partial(checkpoint_filter_fn, drop_mismatched_head=True),
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        feature_levels=len(depths),
         **kwargs,
     )
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
+    return model_cfg(
+        first_conv="patch_embed.proj",
+        classifier="head",
+        crop_pct=0.9,
+        interpolation="bicubic",
         # The authors' checkpoints are local files: our loader keeps a head whose
         # shape matches and checks every other key (see SwinTransformer.load_pretrained).
-        "custom_load": True,
-        "license": "mit",
-        "paper_ids": "arXiv:2111.14556",
-        "paper_name": "On the Integration of Self-Attention and Convolution",
-        "origin_url": "https://github.com/LeapLabTHU/ACmix",
+        custom_load=True,
+        origin_url="https://github.com/LeapLabTHU/ACmix",
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs(

@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 from timm.layers import DropPath, create_classifier
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import (
@@ -38,7 +37,13 @@ from acmix.layers import (
     create_mixer,
     resolve_mixer,
 )
-from acmix.models._common import no_decay_names
+from acmix.models._common import (
+    build_model,
+    drop_path_rates,
+    feature_take_indices,
+    model_cfg,
+    no_decay_names,
+)
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
 
@@ -240,11 +245,10 @@ class TinyNet(nn.Module):
             chs = widths[0]
         self.stem = nn.Sequential(OrderedDict(layers))
 
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        dpr = drop_path_rates(drop_path_rate, depths)
         self.feature_info: list[dict[str, Any]] = []
         stages: list[nn.Module] = []
-        reduction, k = stem_stride, 0
+        reduction = stem_stride
         for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             stride = 1 if i == 0 else 2
             reduction *= stride
@@ -263,10 +267,10 @@ class TinyNet(nn.Module):
                         backend=backend,
                         attn_weight=attn_weight,
                         norm=norm,
-                        drop_path=dpr[k],
+                        drop_path=dpr[i][j],
                     )
                 )
-                chs, k = width, k + 1
+                chs = width
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
@@ -316,7 +320,11 @@ class TinyNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        """Replace the head with a fresh one of ``num_classes`` outputs (0: none)."""
+        """Replace the head with a fresh one of ``num_classes`` outputs (0: none).
+
+        ``global_pool=""`` removes the pooling too: ``forward`` then returns the
+        unpooled ``(B, num_features, h, w)`` map (timm's convention).
+        """
         self.num_classes = num_classes
         self.global_pool, self.fc = create_classifier(
             self.num_features, num_classes, pool_type=global_pool
@@ -349,37 +357,65 @@ class TinyNet(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs ``(B, C_i, ceil(H / r_i), ceil(W / r_i))`` (timm's contract).
 
-        ``norm`` is accepted for the timm API and unused (no final norm).
+        Args:
+            x: ``(B, in_chans, H, W)``.
+            indices: stages to return (0-3): last ``n`` if an int, all if ``None``;
+                negative indices count from the end.
+            norm: unused (no final norm); accepted for the timm API.
+            stop_early: stop after the last requested stage (the returned final map
+                is then that stage's output).
+            output_fmt: ``"NCHW"`` only.
+            intermediates_only: return only the list of stage outputs.
+
+        Returns:
+            The stage outputs, or ``(final, outputs)`` with ``final`` what
+            ``forward_features`` returns.
         """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, max_index = feature_take_indices(4, indices)
-        stages = list(self.stages)[: max_index + 1] if stop_early else list(self.stages)
+        check_choice("output_fmt", output_fmt, ("NCHW",))
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        stages = list(self.stages)
+        if stop_early and not torch.jit.is_scripting():
+            stages = stages[: max_index + 1]
         x = self.stem(x)
         out: list[torch.Tensor] = []
         for i, stage in enumerate(stages):
-            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
             if i in take:
                 out.append(x)
         return out if intermediates_only else (x, out)
 
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last requested one (timm's contract).
+
+        Args:
+            indices: the stages that will be requested (as in :meth:`forward_intermediates`).
+            prune_norm: unused (no final norm).
+            prune_head: remove the classifier and the pooling (``reset_classifier(0, "")``).
+
+        Returns:
+            The absolute stage indices.
+        """
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
 
 default_cfgs = generate_default_cfgs(
     {
-        "acmix_tiny": {
-            "url": "",
-            "num_classes": 1000,
-            "input_size": (3, 224, 224),
-            "pool_size": (7, 7),
-            "crop_pct": 0.875,
-            "interpolation": "bilinear",
-            "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225),
-            "first_conv": "stem.conv1",
-            "classifier": "fc",
-            "license": "mit",
-            "notes": ("A small CPU network of this library (no paper counterpart, no weights).",),
-        }
+        "acmix_tiny": model_cfg(
+            first_conv="stem.conv1",
+            classifier="fc",
+            paper_ids=None,
+            paper_name=None,
+            notes=("A small CPU network of this library (no paper counterpart, no weights).",),
+        )
     }
 )
 
@@ -387,13 +423,7 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def acmix_tiny(pretrained: bool = False, **kwargs: Any) -> TinyNet:
     """Tiny ACmix net: widths (32, 64, 96, 128), depths (1, 1, 2, 1), ``mixer=`` any."""
-    return build_model_with_cfg(
-        TinyNet,
-        "acmix_tiny",
-        pretrained,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-        **kwargs,
-    )
+    return build_model(TinyNet, "acmix_tiny", pretrained, **kwargs)
 
 
 # Our counts at 224x224, 1000 classes (no paper figures: this network is ours).
