@@ -6,7 +6,7 @@ One function per op, each validating its arguments once and then asking
 =========================  ==========================================  ============================
 op                         computes                                    backends (``"auto"`` order)
 =========================  ==========================================  ============================
-:func:`local_attention`    windowed softmax attention (authors')       cpp, shift, reference
+:func:`local_attention`    windowed softmax attention (authors')       cpp, triton, shift, reference
 :func:`conv_path`          fc over head groups + grouped k x k conv    cpp, reference
 :func:`acmix_stage2`       ``rate1 * attention + rate2 * conv path``   cpp (one node), composed
 :func:`window_attention`   Swin's window attention with a bias         sdpa, reference
@@ -15,7 +15,9 @@ op                         computes                                    backends 
 =========================  ==========================================  ============================
 
 Backends live in one module each (:mod:`.reference`, the truth; :mod:`.shift`;
-:mod:`.sdpa`; :mod:`.cpp`, whose kernels are registered ``torch.library`` ops).
+:mod:`.sdpa`; :mod:`.cpp`, whose kernels are registered ``torch.library`` ops;
+:mod:`.triton_backend`, the local attention's Triton kernels on CUDA, also
+registered ops).
 Layering: :mod:`acmix.utils` -> ``acmix.ops`` -> :mod:`acmix.layers`.
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from acmix.ops import cpp, reference, sdpa, shift
+from acmix.ops import cpp, reference, sdpa, shift, triton_backend
 from acmix.ops.backends import BACKENDS, choose_backend
 from acmix.ops.common import out_size
 from acmix.ops.counting import note_macs
@@ -121,7 +121,7 @@ def local_attention(
         mlp: ``(w1 (h, 2d), b1 (h,), w2 (h,))`` for the Sec. 4.5 MLP weighting
             ``logit = w2 . relu(W1 [q_c ; k_n + pe_c - pe_n] + b1)``; ``None`` for the dot product.
         backend: one of :data:`~acmix.ops.BACKENDS` (implemented: ``"cpp"``,
-            ``"shift"``, ``"reference"``).
+            ``"triton"`` (CUDA), ``"shift"``, ``"reference"``).
 
     Returns:
         ``(B, N, d, H', W')``.
@@ -141,6 +141,8 @@ def local_attention(
         pe_c, s = _cpp_attention_args(qkv, N, pe, scale)
         out, _ = cpp.local_attention_cpu(qkv, pe_c, N, kernel, padding == "zeros", s, stride)
         return out.view(B, N, d, out.shape[-2], out.shape[-1])
+    if name == "triton":  # (its registered op's FLOP formula counts it)
+        return triton_backend.local_attention_triton(q, k, v, kernel, stride, padding, pe, scale)
     _note_attention_macs(q, B, N, d, out_size(H, stride), out_size(W, stride), kernel, mlp)
     if name == "reference":
         return reference.local_attention_reference(q, k, v, kernel, stride, padding, pe, scale, mlp)

@@ -13,10 +13,11 @@ The vocabulary is one for all ops (:data:`BACKENDS`):
   ``"auto"``. The result is the same function either way; the debug log says so.
 
 Each backend module (:mod:`~acmix.ops.reference`, :mod:`~acmix.ops.shift`,
-:mod:`~acmix.ops.sdpa`, :mod:`~acmix.ops.cpp`) answers for itself through an
-``unavailable(op, tensors, facts) -> str | None`` function: ``None`` when it
-can run, else the reason. With ``logging.getLogger("acmix.ops")`` at DEBUG,
-every choice is logged with the reason each skipped backend gave.
+:mod:`~acmix.ops.sdpa`, :mod:`~acmix.ops.cpp`, :mod:`~acmix.ops.triton_backend`)
+answers for itself through an ``unavailable(op, tensors, facts) -> str | None``
+function: ``None`` when it can run, else the reason. With
+``logging.getLogger("acmix.ops")`` at DEBUG, every choice is logged with the
+reason each skipped backend gave.
 """
 
 from __future__ import annotations
@@ -27,19 +28,19 @@ from typing import Any
 
 import torch
 
-from acmix.ops import cpp, reference, sdpa, shift
+from acmix.ops import cpp, reference, sdpa, shift, triton_backend
 
 __all__ = ["BACKENDS", "OP_BACKENDS", "BackendError", "choose_backend", "explain_backend"]
 
 logger = logging.getLogger("acmix.ops")
 
 #: Every backend name an op accepts.
-BACKENDS: tuple[str, ...] = ("auto", "cpp", "shift", "sdpa", "reference")
+BACKENDS: tuple[str, ...] = ("auto", "cpp", "triton", "shift", "sdpa", "reference")
 
 #: Each op's implementations, in the order ``"auto"`` tries them. ``"composed"``
 #: (stage II only) runs the attention and the convolution path as their own ops.
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "local_attention": ("cpp", "shift", "reference"),
+    "local_attention": ("cpp", "triton", "shift", "reference"),
     "conv_path": ("cpp", "reference"),
     "acmix_stage2": ("cpp", "composed"),
     "window_attention": ("sdpa", "reference"),
@@ -56,6 +57,7 @@ def _always(op: str, tensors: Sequence[torch.Tensor], facts: dict[str, Any]) -> 
 
 _CHECKS: dict[str, Check] = {
     "cpp": cpp.unavailable,
+    "triton": triton_backend.unavailable,
     "shift": shift.unavailable,
     "sdpa": sdpa.unavailable,
     "reference": reference.unavailable,
