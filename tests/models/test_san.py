@@ -18,8 +18,8 @@ from acmix.models.san import (
     PatchwiseSAM,
     SANBlock,
     checkpoint_filter_fn,
-    patchwise_aggregate,
 )
+from acmix.ops import patchwise_aggregate
 
 DEPTHS = {
     "acmix_san10": (2, 1, 2, 4, 1),

@@ -81,6 +81,7 @@ from acmix.models._common import (
     no_decay_names,
 )
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
+from acmix.ops import BACKENDS, window_attention
 from acmix.utils.checks import check_choice, check_heads, check_positive_int
 
 __all__ = [
@@ -101,7 +102,7 @@ PVT_NO_CONV_MIXER = (
     "PVT's classifier reads its class token, which is not on the image grid, so a "
     "convolution-only token mixer would never let it see the image"
 )
-PVT_ATTN_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "reference")
+PVT_ATTN_BACKENDS: tuple[str, ...] = BACKENDS
 
 
 class SRAttention(ACmixBase):
@@ -194,12 +195,7 @@ class SRAttention(ACmixBase):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Softmax attention ``(B, N, T, d)`` x ``(B, N, Tk, d)`` -> ``(B, N, T, d)``."""
         drop = self.attn_drop if self.training else 0.0
-        if self.backend == "reference":
-            attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
-            if drop > 0:
-                attn = F.dropout(attn, drop)
-            return attn @ v
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        return window_attention(q, k, v, None, self.scale, drop, self.backend)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """Apply SRA (+ the ACmix convolution path).

@@ -45,7 +45,7 @@ This adds ``81 mid + 54`` parameters and ``(81 + 13.5) mid HW`` MACs per block
 
 FLOPs convention. :func:`acmix.analysis.count_macs` counts multiply-adds
 of convolutions, linear layers and the attention (the patchwise aggregation,
-``k^2 mid HW`` per block, declared through ``uncounted_macs``), not
+``k^2 mid HW`` per block, which :func:`acmix.ops.patchwise_aggregate` reports), not
 normalisation, activations, pooling or biases (fvcore's convention, as the
 rest of this library). That gives 1.888G / 2.630G / 3.317G for ACmix
 SAN-10/15/19 (paper 1.9G / 2.7G / 3.4G) and 1.791G / 2.478G / 3.130G for the
@@ -88,7 +88,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath, create_classifier
 from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from acmix.layers import (
     MIXER_PATHS,
@@ -112,168 +111,27 @@ from acmix.models._common import (
     no_decay_names,
 )
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
+from acmix.ops import BACKENDS, patchwise_aggregate
+from acmix.ops.common import acc_dtype, pad_map
 from acmix.utils.checks import check_choice, check_odd_kernel, check_positive_int
 
 __all__ = [
-    "SAM_BACKENDS",
     "SAN",
     "SAN_MIXERS",
     "PatchwiseSAM",
     "SANBlock",
     "SANStage",
     "checkpoint_filter_fn",
-    "patchwise_aggregate",
-    "patchwise_aggregate_reference",
 ]
 
 #: SAN offers the whole mixer vocabulary (:mod:`acmix.layers.factory`).
 SAN_MIXERS: tuple[str, ...] = MIXERS
-SAM_BACKENDS: tuple[str, ...] = ("auto", "shift", "reference")
 
 
 # --------------------------------------------------------------------------------------
-# Functional core: the patchwise aggregation
+# The weight network's first layer, a chunk of window rows at a time (the aggregation
+# itself is acmix.ops.patchwise_aggregate)
 # --------------------------------------------------------------------------------------
-
-
-def _pad(x: torch.Tensor, r: int, padding: str) -> torch.Tensor:
-    """Pad ``(B, C, H, W)`` by ``r`` on every side, reflecting or with zeros."""
-    if r == 0:
-        return x
-    return F.pad(x, (r, r, r, r), mode="reflect" if padding == "reflect" else "constant")
-
-
-def _check_aggregate_args(x: torch.Tensor, weight: torch.Tensor, kernel: int) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    if weight.dim() != 5:
-        raise ValueError(f"weight must be (B, G, k*k, H, W), got shape {tuple(weight.shape)}")
-    B, C, H, W = x.shape
-    Bw, G, K2, Hw, Ww = weight.shape
-    if (Bw, Hw, Ww, K2) != (B, H, W, kernel * kernel):
-        raise ValueError(
-            f"weight shape {tuple(weight.shape)} does not match x {tuple(x.shape)} and "
-            f"kernel {kernel}: expected ({B}, G, {kernel * kernel}, {H}, {W})"
-        )
-    if C % G:
-        raise ValueError(f"x channels ({C}) must be a multiple of the weight channels G ({G})")
-
-
-def patchwise_aggregate_reference(
-    x: torch.Tensor, weight: torch.Tensor, kernel: int, padding: str = "reflect"
-) -> torch.Tensor:
-    """SAN's aggregation written plainly with ``unfold`` (the truth for tests).
-
-    ``out[b, c, i, j] = sum_p weight[b, c mod G, p, i, j] * x_pad[b, c, i + p // k, j + p % k]``
-    with ``x_pad`` the map padded by ``k // 2`` (reflected or zeros). Materialises
-    ``k*k`` copies of ``x``.
-
-    Args:
-        x: ``(B, C, H, W)`` values.
-        weight: ``(B, G, k*k, H, W)``, ``C`` a multiple of ``G``.
-        kernel: odd window size ``k``.
-        padding: ``"reflect"`` or ``"zeros"``.
-
-    Returns:
-        ``(B, C, H, W)``.
-    """
-    _check_aggregate_args(x, weight, kernel)
-    B, C, H, W = x.shape
-    G, K2 = weight.shape[1], kernel * kernel
-    cols = F.unfold(_pad(x, kernel // 2, padding), kernel)  # (B, C*K2, H*W), channel c*K2 + p
-    cols = cols.view(B, C // G, G, K2, H, W)
-    return (weight.unsqueeze(1) * cols).sum(3).reshape(B, C, H, W)
-
-
-class _ShiftAggregate(torch.autograd.Function):
-    """Patchwise aggregation by shift-and-accumulate over the ``k*k`` window positions.
-
-    Never materialises windows: forward and backward each loop over the window
-    positions with strided views of the padded map, and only the (already
-    existing) padded values and weights are saved for backward.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x_pad: torch.Tensor, weight: torch.Tensor, kernel: int) -> torch.Tensor:
-        # x_pad: (B, C, H + 2r, W + 2r); weight: (B, G, K2, H, W) -> out (B, C, H, W)
-        B, C, Hp, Wp = x_pad.shape
-        G, H, W = weight.shape[1], weight.shape[3], weight.shape[4]
-        xv = x_pad.reshape(B, C // G, G, Hp, Wp)  # channel c = s * G + g
-        out_dtype = torch.promote_types(x_pad.dtype, weight.dtype)
-        # Half-precision inputs accumulate in float32 (k*k terms per output).
-        out = x_pad.new_zeros(B, C // G, G, H, W, dtype=_acc_dtype(out_dtype))
-        for p in range(kernel * kernel):
-            oy, ox = divmod(p, kernel)
-            out.addcmul_(xv[..., oy : oy + H, ox : ox + W], weight[:, None, :, p])
-        ctx.save_for_backward(x_pad, weight)
-        ctx.kernel = kernel
-        return out.view(B, C, H, W).to(out_dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_pad, weight = ctx.saved_tensors
-        kernel = ctx.kernel
-        B, C, Hp, Wp = x_pad.shape
-        G, H, W = weight.shape[1], weight.shape[3], weight.shape[4]
-        g = grad_out.reshape(B, C // G, G, H, W)
-        xv = x_pad.reshape(B, C // G, G, Hp, Wp)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            # d out / d x_pad: scatter g * w back to every window position.
-            acc = x_pad.new_zeros(B, C // G, G, Hp, Wp, dtype=_acc_dtype(x_pad.dtype))
-            for p in range(kernel * kernel):
-                oy, ox = divmod(p, kernel)
-                acc[..., oy : oy + H, ox : ox + W].addcmul_(g, weight[:, None, :, p])
-            grad_x = acc.view(B, C, Hp, Wp).to(x_pad.dtype)
-        if ctx.needs_input_grad[1]:
-            # d out / d w[g, p]: sum over the channels sharing weight channel g.
-            grad_w = torch.empty_like(weight)
-            acc_dtype = _acc_dtype(weight.dtype)
-            for p in range(kernel * kernel):
-                oy, ox = divmod(p, kernel)
-                prod = g.to(acc_dtype) * xv[..., oy : oy + H, ox : ox + W]
-                grad_w[:, :, p] = prod.sum(1)
-        return grad_x, grad_w, None
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32 for half / bfloat16, the dtype itself otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def patchwise_aggregate(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    kernel: int,
-    padding: str = "reflect",
-    backend: str = "auto",
-) -> torch.Tensor:
-    """SAN's patchwise aggregation of a ``k x k`` window with per-pixel weights.
-
-    ``out[b, c, i, j] = sum_p weight[b, c mod G, p, i, j] * x_pad[b, c, i + p // k, j + p % k]``
-    (window position ``p`` row-major; ``x_pad`` padded by ``k // 2``). No
-    normalisation: the weights are used as they are.
-
-    Args:
-        x: ``(B, C, H, W)`` values.
-        weight: ``(B, G, k*k, H, W)``; ``C`` a multiple of ``G`` (SAN's
-            ``share_planes = C / G`` channels share one weight map).
-        kernel: odd window size ``k``.
-        padding: ``"reflect"`` (SAN's; needs ``k // 2 < H, W``) or ``"zeros"``.
-        backend: ``"auto"`` / ``"shift"`` (shift-and-accumulate, hand-written
-            backward, no ``k*k``-fold copies) or ``"reference"`` (``unfold``).
-
-    Returns:
-        ``(B, C, H, W)``.
-    """
-    check_odd_kernel("kernel", kernel)
-    check_choice("padding", padding, ("reflect", "zeros"))
-    check_choice("backend", backend, SAM_BACKENDS)
-    if backend == "reference":
-        return patchwise_aggregate_reference(x, weight, kernel, padding)
-    _check_aggregate_args(x, weight, kernel)
-    return _ShiftAggregate.apply(_pad(x, kernel // 2, padding), weight, kernel)
 
 
 def _window_rows(x_pad: torch.Tensor, row0: int, rows: int, kernel: int) -> torch.Tensor:
@@ -324,7 +182,7 @@ def _rows_chunk(
 
 def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Biased variance and mean per channel of ``(B, C, H, W)``, in float32 for half types."""
-    return torch.var_mean(x.to(_acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
+    return torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
 
 
 def _update_running_stats(
@@ -432,7 +290,7 @@ class PatchwiseSAM(ACmixBase):
         self.share_planes = share_planes
         self.kernel_size = check_odd_kernel("kernel_size", kernel_size)
         self.padding_mode = check_choice("padding_mode", padding_mode, ("reflect", "zeros", "auto"))
-        self.backend = check_choice("backend", backend, SAM_BACKENDS)
+        self.backend = check_choice("backend", backend, BACKENDS)
         #: Chunks of window rows the memory-frugal weight MLP processes at a time.
         self.frugal_chunks = 2
         K2 = kernel_size * kernel_size
@@ -460,11 +318,6 @@ class PatchwiseSAM(ACmixBase):
             f"paths={self.paths!r}, padding_mode={self.padding_mode!r}"
         )
 
-    def uncounted_macs(self, inputs: tuple, output: torch.Tensor) -> int:
-        """The aggregation's ``k^2`` multiply-adds per output element (done elementwise)."""
-        aggregation = self.kernel_size**2 * output.numel() if self.use_att else 0
-        return super().uncounted_macs(inputs, output) + aggregation
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the SAM (and the ACmix convolution path).
 
@@ -489,9 +342,8 @@ class PatchwiseSAM(ACmixBase):
         att = None
         if self.use_att:
             padding = resolve_padding(self.padding_mode, self.kernel_size, H, W)
-            backend = "shift" if self.backend == "auto" else self.backend
-            weights = self._weights(x1, x2, padding, backend)  # (B, G, K2, H, W)
-            att = patchwise_aggregate(x3, weights, self.kernel_size, padding, backend)
+            weights = self._weights(x1, x2, padding, self.backend)  # (B, G, K2, H, W)
+            att = patchwise_aggregate(x3, weights, self.kernel_size, padding, self.backend)
         conv = None
         if self.use_conv:
             # [x1; x2; x3] as 3N groups of d = rel channels (a view, no copy).
@@ -505,7 +357,7 @@ class PatchwiseSAM(ACmixBase):
         B, rel, H, W = x1.shape
         k, K2 = self.kernel_size, self.kernel_size**2
         assert self.conv_w is not None, "no attention path"
-        x2_pad = _pad(x2, k // 2, padding)
+        x2_pad = pad_map(x2, k // 2, padding)
         if backend == "reference":
             # SAN's formulation: [x1, unfold(x2)] as (B, rel * (K2 + 1), 1, H * W).
             x2u = F.unfold(x2_pad, k).view(B, rel * K2, 1, H * W)  # channel c * K2 + p
@@ -533,6 +385,7 @@ class PatchwiseSAM(ACmixBase):
         Returns:
             ``(B, mid / share_planes, H, W)`` (before ``conv_w[3:]``).
         """
+        assert self.conv_w is not None, "no attention path"
         assert self.conv_w is not None, "no attention path"
         bn, conv = self.conv_w[0], self.conv_w[2]
         B, rel, H, W = x1.shape
