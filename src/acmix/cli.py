@@ -9,6 +9,7 @@ the library (:mod:`acmix.engine`, :mod:`acmix.analysis`, :mod:`acmix.models`,
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,12 +58,16 @@ def add_model_arg(p: argparse.ArgumentParser, what: str) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"architecture kwarg (VALUE a Python literal), repeatable; {what}",
+        help=f"architecture kwarg (VALUE parsed as YAML, like the overrides), repeatable; {what}",
     )
 
 
 def parse_model_args(items: list[str], prog: str) -> dict | None:
-    """``KEY=VALUE`` strings -> kwargs (VALUE a Python literal, else a bare string).
+    """``KEY=VALUE`` strings -> kwargs, VALUE parsed as YAML (as ``SECTION.KEY=VALUE`` is).
+
+    ``mixer=conv`` is a string, ``num_classes=10`` an int, ``layers=[1,1,1,1]`` a
+    list, ``drop=null`` ``None``. A parenthesised tuple (``layers=(1,1,1,1)``,
+    the Python literal this option took before) is still read as a tuple.
 
     Args:
         items: the ``--model-arg`` values.
@@ -72,6 +77,9 @@ def parse_model_args(items: list[str], prog: str) -> dict | None:
         The kwargs, or ``None`` after printing an error for a malformed item.
     """
     import ast
+    import contextlib
+
+    import yaml
 
     out = {}
     for item in items:
@@ -80,10 +88,25 @@ def parse_model_args(items: list[str], prog: str) -> dict | None:
             print(f"acmix {prog}: --model-arg expects KEY=VALUE, got {item!r}", file=sys.stderr)
             return None
         try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            print(f"acmix {prog}: --model-arg {item!r}: not valid YAML ({e})", file=sys.stderr)
+            return None
+        if isinstance(parsed, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        elif isinstance(parsed, str) and parsed.startswith("(") and parsed.endswith(")"):
+            with contextlib.suppress(ValueError, SyntaxError):
+                parsed = ast.literal_eval(parsed)
+        out[key] = parsed
     return out
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")  # SECTION.KEY[.KEY...]=VALUE
+
+
+def _is_override(token: str) -> bool:
+    """Whether ``token`` is a ``SECTION.KEY[.KEY...]=VALUE`` config override."""
+    return _OVERRIDE.match(token) is not None
 
 
 # -- model commands (acmix.models) ----------------------------------------------------------------
@@ -131,7 +154,8 @@ def convert(args: argparse.Namespace) -> int:
 
 _TRAIN_EPILOG = """\
 examples:
-  acmix train --config fmnist_tiny                      # a recipe from configs/
+  acmix train --config fmnist_tiny                      # a packaged recipe (acmix configs list)
+  acmix train --config fmnist_tiny --print-config       # the resolved recipe, as YAML
   acmix train --config fmnist_tiny model.kwargs.mixer=conv train.epochs=3
   acmix train --config imagenet_resnet --data-dir /data/imagenet model.name=acmix_resnet26
   acmix train --config fmnist_tiny --resume runs/fmnist_tiny     # continue bit-exactly
@@ -196,12 +220,18 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         "-c",
-        help="YAML recipe: a path, or a name in configs/ (fmnist_tiny, imagenet_resnet, ...)",
+        help="YAML recipe: a path, or a recipe name (fmnist_tiny, imagenet_resnet, ...: "
+        "`acmix configs list`; ./configs/NAME.yaml first)",
     )
     p.add_argument(
         "--resume",
         help="continue from a checkpoint: run dir, checkpoints dir or manifest; "
         "'auto' resumes from OUTPUT/checkpoints when there is one",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved recipe (after the flags and overrides) as YAML and exit",
     )
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--lr", type=float, help="optim.lr")
@@ -227,6 +257,13 @@ def train_cmd(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, _flag_overrides(args) + list(args.overrides))
+        if args.print_config:
+            import yaml
+
+            from acmix.engine import config_to_dict
+
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            return 0
         result = train(cfg, resume=args.resume)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         return _report_error("train", e)
@@ -242,6 +279,40 @@ def train_cmd(args: argparse.Namespace) -> int:
             )
         for plot in result.plots:
             print(f"plot: {plot}")
+    return 0
+
+
+def _configure_configs(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub.add_parser("list", help="the packaged recipes, with their first comment line")
+    cp = sub.add_parser(
+        "cp",
+        help="copy a packaged recipe to edit it",
+        description="Copy a packaged recipe. Without DEST it goes to ./configs/NAME.yaml, "
+        "where `acmix train --config NAME` finds it before the packaged one.",
+    )
+    cp.add_argument("name", metavar="NAME", help="a recipe name from `acmix configs list`")
+    cp.add_argument("dest", nargs="?", help="a file or folder (default: ./configs/NAME.yaml)")
+    cp.add_argument("--force", "-f", action="store_true", help="overwrite an existing file")
+
+
+@command("configs", "list the packaged training recipes, or copy one to edit it")(
+    _configure_configs
+)
+def configs_cmd(args: argparse.Namespace) -> int:
+    from acmix.utils.recipes import copy_recipe, list_recipes, recipe_description
+
+    if args.action == "list":
+        names = list_recipes()
+        width = max(map(len, names), default=0)
+        for name in names:
+            print(f"{name:<{width}}  {recipe_description(name)}".rstrip())
+        return 0
+    try:
+        out = copy_recipe(args.name, args.dest, force=args.force)
+    except (FileNotFoundError, FileExistsError) as e:
+        return _report_error("configs cp", e)
+    print(f"wrote {out}")
     return 0
 
 
@@ -706,7 +777,16 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``acmix`` command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # SECTION.KEY=VALUE overrides may stand anywhere on the line, between options too
+    # (`train -c r train.epochs=1 --seed 1 data.batch_size=64`): argparse leaves those after
+    # the first option as unknown; they join the overrides in the order given.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        extra = [t for t in unknown if _is_override(t)]
+        rest = [t for t in unknown if not _is_override(t)]
+        if rest or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(rest or unknown)}")
+        args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
         return 0

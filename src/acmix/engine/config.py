@@ -23,6 +23,7 @@ import yaml
 
 from acmix.data.config import AugConfig, DataConfig
 from acmix.utils.config import ConfigError, check_config_choice, check_config_range
+from acmix.utils.recipes import find_recipe, recipe_dirs  # noqa: F401 (recipe_dirs: re-exported)
 
 __all__ = [
     "AugConfig",
@@ -359,8 +360,9 @@ def load_config(
 
     Args:
         path: a recipe file; a bare name (``fmnist_tiny``) is looked up as
-            ``configs/<name>.yaml`` under the working directory and the source
-            checkout. ``None``: the defaults.
+            ``configs/<name>.yaml`` under the working directory, then among the
+            recipes shipped with the package (:mod:`acmix.utils.recipes`).
+            ``None``: the defaults.
         overrides: ``section.key=value`` strings or ``(key, value)`` pairs.
 
     Raises:
@@ -381,24 +383,5 @@ def load_config(
     return config_from_dict(values)
 
 
-def recipe_dirs() -> list[Path]:
-    """Where bare recipe names are looked up: ``./configs`` and the checkout's ``configs/``."""
-    dirs = [Path.cwd() / "configs"]
-    checkout = Path(__file__).resolve().parents[3] / "configs"
-    if checkout not in dirs:
-        dirs.append(checkout)
-    return dirs
-
-
 def _find_recipe(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if p.is_file():
-        return p
-    tried = [p]
-    if p.suffix == "" and len(p.parts) == 1:
-        for d in recipe_dirs():
-            cand = d / f"{p.name}.yaml"
-            tried.append(cand)
-            if cand.is_file():
-                return cand
-    raise FileNotFoundError(f"recipe not found: tried {', '.join(str(t) for t in tried)}")
+    return find_recipe(path)

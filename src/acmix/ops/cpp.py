@@ -19,9 +19,9 @@ The kernels are compiled on first use with ``torch.utils.cpp_extension.load``
 (a C++ compiler and ninja). The build is keyed by a hash of the kernel's
 source, the compiler flags and the CPU's feature flags, so identical sources
 share one build and different versions never evict each other; stderr says
-when a build starts and how long it took. Where a kernel cannot be built, or
-with ``ACMIX_NO_CPP=1``, this backend is unavailable (one warning) and
-``"auto"`` chooses a PyTorch backend.
+when a build starts (and that it usually takes 30-90 s) and how long it took.
+Where a kernel cannot be built, or with ``ACMIX_NO_CPP=1``, this backend is
+unavailable (one warning) and ``"auto"`` chooses a PyTorch backend.
 """
 
 from __future__ import annotations
@@ -106,7 +106,13 @@ def kernel(name: str) -> ModuleType | None:
         build = build_name(name)
         fresh = not (Path(_get_build_directory(build, False)) / f"{build}.so").exists()
         if fresh:
-            print(f"acmix: building the C++ kernel {name!r} ({build}) ...", file=sys.stderr)
+            print(
+                f"acmix: building the C++ kernel {name!r} ({build}), once per kernel version "
+                f"and machine; this usually takes 30-90 s (cached in "
+                f"{_get_build_directory(build, False)}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
         start = time.perf_counter()
         module = load(
             name=build,

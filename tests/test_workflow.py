@@ -1,0 +1,162 @@
+"""A researcher's workflow (issue 13): packaged recipes, overrides anywhere, a built wheel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import acmix.engine
+from acmix.cli import main, parse_model_args
+from acmix.engine import load_config
+from acmix.utils.recipes import copy_recipe, find_recipe, list_recipes, packaged_recipe_dir
+from tests.data_util import make_fake_fmnist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- recipes are package data ------------------------------------------------------------------
+
+
+def test_recipes_are_package_data() -> None:
+    src = packaged_recipe_dir()
+    assert src == ROOT / "src" / "acmix" / "configs"
+    assert {"fmnist_tiny", "fmnist_tiny_quick", "imagenet_resnet"} <= set(list_recipes())
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"configs/*.yaml"' in pyproject  # shipped in the wheel
+    # The checkout's configs/ is the same folder.
+    assert (ROOT / "configs").resolve() == src
+
+
+def test_configs_list_and_cp(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["configs", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("fmnist_tiny_quick ") for line in lines)
+    assert main(["configs", "cp", "fmnist_tiny_quick"]) == 0
+    copied = tmp_path / "configs" / "fmnist_tiny_quick.yaml"
+    assert copied.read_text() == (packaged_recipe_dir() / "fmnist_tiny_quick.yaml").read_text()
+    # The local copy is found first by the bare name, so editing it changes the run.
+    copied.write_text(copied.read_text().replace("epochs: 1", "epochs: 7"))
+    assert find_recipe("fmnist_tiny_quick") == copied
+    assert load_config("fmnist_tiny_quick").train.epochs == 7
+    # No overwrite without --force; unknown names list the known ones.
+    assert main(["configs", "cp", "fmnist_tiny_quick"]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert main(["configs", "cp", "fmnist_tiny_quick", "--force"]) == 0
+    assert main(["configs", "cp", "nope"]) == 1
+    assert "fmnist_tiny" in capsys.readouterr().err
+    out = copy_recipe("digits_tiny", tmp_path)  # a folder as the destination
+    assert out == tmp_path / "digits_tiny.yaml"
+
+
+def test_missing_recipe_names_the_packaged_ones(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="packaged recipes: .*fmnist_tiny"):
+        load_config("no_such_recipe")
+
+
+def test_print_config(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "-c", "fmnist_tiny_quick", "--seed", "3", "train.epochs=2", "--print-config"]
+    assert main(argv) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["seed"] == 3 and printed["train"]["epochs"] == 2
+    assert printed["model"]["kwargs"] == {"stem_stride": 2, "mixer": "acmix"}
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+# -- overrides anywhere, --model-arg as YAML ---------------------------------------------------
+
+
+def test_overrides_anywhere_on_the_line(monkeypatch) -> None:
+    seen = {}
+
+    def fake_train(cfg, resume=None):
+        seen["cfg"] = cfg
+        return SimpleNamespace(stopped=None, checkpoint=None)
+
+    monkeypatch.setattr(acmix.engine, "train", fake_train)
+    argv = ["train", "--config", "fmnist_tiny", "train.epochs=1", "--seed", "1"]
+    assert main([*argv, "data.batch_size=64", "--lr", "0.2", "train.epochs=4"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.train.epochs, cfg.train.seed, cfg.data.batch_size, cfg.optim.lr) == (4, 1, 64, 0.2)
+    with pytest.raises(SystemExit):
+        main([*argv, "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        main(["list-models", "train.epochs=1", "--bogus"])
+
+
+def test_model_arg_is_yaml(capsys) -> None:
+    got = parse_model_args(
+        ["mixer=conv", "num_classes=10", "layers=[1, 1, 2, 1]", "drop=null", "lr=1e-3"], "t"
+    )
+    want = {"mixer": "conv", "num_classes": 10, "layers": [1, 1, 2, 1], "drop": None, "lr": 1e-3}
+    assert got == want
+    assert parse_model_args(["layers=(1,1,1,1)"], "t") == {"layers": (1, 1, 1, 1)}  # as before
+    assert parse_model_args(["flag=true"], "t") == {"flag": True}
+    assert parse_model_args(["x=[1,"], "t") is None
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+# -- the README's first command from a built wheel, outside the checkout ----------------------
+
+
+@pytest.mark.slow
+def test_wheel_trains_a_packaged_recipe_outside_the_checkout(tmp_path) -> None:
+    """Build the wheel, install it (no deps) in a fresh venv that sees this one's packages."""
+    src = tmp_path / "src"  # a copy: the build leaves the checkout untouched
+    shutil.copytree(
+        ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)]
+    subprocess.run(build, check=True, cwd=tmp_path, timeout=300)
+    (wheel,) = wheels.glob("acmix-*.whl")
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    vpy = bin_dir / "python"
+    site = subprocess.run(
+        [vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    # torch, timm, ... from this environment (appended to sys.path: the wheel comes first).
+    Path(site, "_project_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = [*pip, "--python", str(vpy), "install", "--no-deps", "--no-index", "-q", str(wheel)]
+    subprocess.run(install, check=True, timeout=300)
+
+    work = tmp_path / "elsewhere"
+    data = make_fake_fmnist(work / "fmnist", n_train=64, n_test=20)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    where = subprocess.run(
+        [vpy, "-c", "import acmix, sys; print(acmix.__file__)"],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert Path(where.strip()).is_relative_to(venv), where
+    cmd = [
+        str(bin_dir / "acmix"), "train", "--config", "fmnist_tiny_quick",
+        "train.stop_after_steps=2", "--data-dir", str(data), "data.train_subset=null",
+        "data.batch_size=16", "train.threads=1", "train.progress=false", "train.plots=false",
+    ]  # fmt: skip
+    run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (work / "runs" / "fmnist_tiny_quick" / "checkpoints").is_dir()
+    assert "recipe not found" not in run.stderr
