@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,99 @@ def test_apply_overrides_does_not_mutate_its_input() -> None:
     base = {"train": {"epochs": 3}}
     out = apply_overrides(base, ["train.epochs=4"])
     assert base == {"train": {"epochs": 3}} and out["train"]["epochs"] == 4
+
+
+# -- every float field: non-finite and out-of-range values are refused ---------------------------
+
+
+def _float_fields() -> list[tuple[str, int | None]]:
+    """``(dotted key, tuple index or None)`` of every float in every section, found by type."""
+    import dataclasses
+    import typing
+
+    out = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            key = f"{section.name}.{f.name}"
+            if typing.get_origin(tp) is tuple and float in typing.get_args(tp):
+                out += [(key, i) for i in range(len(typing.get_args(tp)))]
+            elif float in args:
+                out.append((key, None))
+    return out
+
+
+FLOAT_FIELDS = _float_fields()
+
+#: An out-of-range value of each float field (every float field must be listed).
+OUT_OF_RANGE = {
+    "model.drop_path_rate": [-0.1, 1.0],
+    "model.drop_rate": [-0.1, 1.0],
+    "optim.lr": [-1.0],
+    "optim.momentum": [-0.1, 1.0],
+    "optim.betas[0]": [-0.1, 1.0],
+    "optim.betas[1]": [-0.1, 1.0],
+    "optim.eps": [0.0, -1e-8],
+    "optim.weight_decay": [-1e-4],
+    "optim.grad_clip": [0.0, -1.0],
+    "sched.warmup_epochs": [-1.0],
+    "sched.warmup_lr": [-1e-6],
+    "sched.min_lr": [-1.0],
+    "train.ema_decay": [-0.1, 1.5],
+    "aug.scale[0]": [0.0, -0.5],
+    "aug.scale[1]": [1.5, 0.01],  # above 1, or below scale[0]
+    "aug.ratio[0]": [0.0, -1.0],
+    "aug.ratio[1]": [0.5],  # below ratio[0]
+    "aug.hflip": [-0.1, 1.1],
+    "aug.color_jitter": [-0.4],
+    "aug.crop_pct": [0.0, 1.5],
+    "aug.re_prob": [-0.1, 1.1],
+    "aug.mixup": [-0.8],
+    "aug.cutmix": [-1.0],
+    "aug.mixup_prob": [-0.1, 1.1],
+    "aug.mixup_switch_prob": [-0.1, 1.1],
+    "aug.label_smoothing": [-0.1, 1.0],
+}
+
+
+def _name(key: str, index: int | None) -> str:
+    return key if index is None else f"{key}[{index}]"
+
+
+def _set(key: str, index: int | None, value: float) -> dict:
+    section, field = key.split(".")
+    values = config_to_dict(Config())
+    if index is None:
+        values[section][field] = value
+    else:
+        values[section][field][index] = value
+    return values
+
+
+def test_every_float_field_has_a_range_test() -> None:
+    assert {_name(k, i) for k, i in FLOAT_FIELDS} == set(OUT_OF_RANGE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize(("key", "index"), FLOAT_FIELDS, ids=lambda v: str(v))
+def test_non_finite_floats_are_refused(key: str, index: int | None, bad: float) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key) + ".*finite"):
+        config_from_dict(_set(key, index, bad))
+
+
+@pytest.mark.parametrize(("key", "index"), FLOAT_FIELDS, ids=lambda v: str(v))
+def test_out_of_range_floats_are_refused(key: str, index: int | None) -> None:
+    name = _name(key, index)
+    for bad in OUT_OF_RANGE[name]:
+        with pytest.raises(ConfigError, match=re.escape(name)):
+            config_from_dict(_set(key, index, bad))
+
+
+@pytest.mark.parametrize("text", ["nan", ".nan", "NaN", "inf", "-.inf", "1e400"])
+def test_non_finite_overrides_are_refused(text: str) -> None:
+    """What a user types: YAML's .nan / .inf, or a string float() reads as NaN / inf."""
+    for key in ("optim.lr", "optim.weight_decay", "sched.warmup_lr", "train.ema_decay"):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(None, [f"{key}={text}"])

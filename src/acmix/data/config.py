@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from acmix.utils.config import check_config_choice, check_config_range
+from acmix.utils.config import check_config_choice, check_config_finite, check_config_range
 
 __all__ = ["DATASETS", "AugConfig", "DataConfig"]
 
@@ -58,6 +58,7 @@ class DataConfig:
     bad_images: str = "skip"
 
     def __post_init__(self) -> None:
+        check_config_finite("data", self)
         check_config_choice("data.dataset", self.dataset, DATASETS)
         check_config_choice("data.bad_images", self.bad_images, ("skip", "error"))
         for key in ("batch_size", "eval_batch_size"):
@@ -114,6 +115,7 @@ class AugConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        check_config_finite("aug", self)
         check_config_choice("aug.crop", self.crop, ("rrc", "pad", "none"))
         check_config_choice(
             "aug.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest")
@@ -127,3 +129,9 @@ class AugConfig:
         check_config_range("aug.crop_padding", self.crop_padding, 0)
         if self.crop_pct is not None:
             check_config_range("aug.crop_pct", self.crop_pct, 0.01, 1.0)
+        if self.color_jitter is not None:
+            check_config_range("aug.color_jitter", self.color_jitter, 0.0)
+        for key, hi in (("scale", 1.0), ("ratio", None)):
+            lo_v, hi_v = getattr(self, key)
+            check_config_range(f"aug.{key}[0]", lo_v, 0.0, hi, lo_open=True)
+            check_config_range(f"aug.{key}[1]", hi_v, lo_v, hi)

@@ -22,7 +22,12 @@ from typing import Any
 import yaml
 
 from acmix.data.config import AugConfig, DataConfig
-from acmix.utils.config import ConfigError, check_config_choice, check_config_range
+from acmix.utils.config import (
+    ConfigError,
+    check_config_choice,
+    check_config_finite,
+    check_config_range,
+)
 from acmix.utils.recipes import find_recipe, recipe_dirs  # noqa: F401 (recipe_dirs: re-exported)
 
 __all__ = [
@@ -69,6 +74,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        check_config_finite("model", self)
         check_config_range("model.drop_path_rate", self.drop_path_rate, 0.0, 0.99)
         check_config_range("model.drop_rate", self.drop_rate, 0.0, 0.99)
         for key in ("num_classes", "in_chans"):
@@ -107,13 +113,18 @@ class OptimConfig:
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
+        check_config_finite("optim", self)
         check_config_choice("optim.name", self.name, ("sgd", "adamw"))
         check_config_range("optim.lr", self.lr, 0.0)
+        check_config_range("optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        for i, beta in enumerate(self.betas):
+            check_config_range(f"optim.betas[{i}]", beta, 0.0, 1.0, hi_open=True)
+        check_config_range("optim.eps", self.eps, 0.0, lo_open=True)
         check_config_range("optim.weight_decay", self.weight_decay, 0.0)
         if self.lr_base_batch is not None:
             check_config_range("optim.lr_base_batch", self.lr_base_batch, 1)
         if self.grad_clip is not None:
-            check_config_range("optim.grad_clip", self.grad_clip, 0.0)
+            check_config_range("optim.grad_clip", self.grad_clip, 0.0, lo_open=True)
 
 
 @dataclass
@@ -133,8 +144,11 @@ class SchedConfig:
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
+        check_config_finite("sched", self)
         check_config_choice("sched.name", self.name, ("cosine", "constant"))
         check_config_range("sched.warmup_epochs", self.warmup_epochs, 0.0)
+        check_config_range("sched.warmup_lr", self.warmup_lr, 0.0)
+        check_config_range("sched.min_lr", self.min_lr, 0.0)
 
 
 @dataclass
@@ -182,6 +196,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_config_finite("train", self)
         check_config_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
         check_config_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         for key in ("epochs", "eval_every", "log_every"):
@@ -367,13 +382,18 @@ def load_config(
 
     Raises:
         FileNotFoundError: no such recipe (the paths tried are named).
-        ConfigError: an unknown key, a wrong type, or a bad value.
+        ConfigError: a recipe that is not UTF-8 YAML, an unknown key, a wrong
+            type, or a bad value.
     """
     values: dict[str, Any] = {}
     if path is not None:
         file = _find_recipe(path)
         try:
-            loaded = yaml.safe_load(file.read_text())
+            text = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file}: not a UTF-8 text file ({e})") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{file}: not valid YAML ({e})") from None
         if loaded is not None and not isinstance(loaded, dict):
