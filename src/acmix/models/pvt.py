@@ -60,7 +60,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import checkpoint, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import (
@@ -72,6 +72,7 @@ from acmix.layers import (
     call_mixer,
     resolve_mixer,
 )
+from acmix.models._checkpoint import checkpoint
 from acmix.models._common import (
     build_model,
     check_image_input,

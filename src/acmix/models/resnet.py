@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from timm.layers import DropPath, create_classifier
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import (
@@ -50,6 +50,7 @@ from acmix.layers import (
     create_mixer,
     resolve_mixer,
 )
+from acmix.models._checkpoint import checkpoint_seq
 from acmix.models._common import (
     build_model,
     drop_path_rates,

@@ -86,7 +86,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, create_classifier
-from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import (
@@ -102,6 +102,7 @@ from acmix.layers import (
     resolve_mixer,
     resolve_padding,
 )
+from acmix.models._checkpoint import checkpoint, checkpoint_seq
 from acmix.models._common import (
     build_model,
     check_image_input,

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
-from timm.models import adapt_input_conv, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import adapt_input_conv, generate_default_cfgs, register_model
 from torch import nn
 
 from acmix.layers import (
@@ -79,6 +79,7 @@ from acmix.layers import (
     window_partition,
 )
 from acmix.layers.factory import mixer_label
+from acmix.models._checkpoint import checkpoint_seq
 from acmix.models._common import build_model, drop_path_rates, feature_take_indices, model_cfg
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
