@@ -137,11 +137,11 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path) -> None:
     data = buf.getvalue()
     f = tmp_path / manifest["files"]["state"]["file"]
     f.write_bytes(data)
-    # A consistent manifest (the attacker fixed the hash): still refused.
+    # A consistent manifest (the attacker fixed the hashes, the manifest's own too): refused.
     import hashlib
 
     manifest["files"]["state"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (tmp_path / "last.json").write_text(json.dumps(manifest))
+    (tmp_path / "last.json").write_bytes(ckpt.manifest_bytes(manifest))
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint(tmp_path)
 
@@ -178,3 +178,133 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path) -> None:
     set_rng_state(load_checkpoint(tmp_path).state["rng"])
     got = (random.random(), np.random.standard_normal(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+# -- integrity of every file: one flipped bit anywhere is an error naming the file --------------
+
+
+def _flip(path, pos: int, bit: int) -> bytes:
+    data = path.read_bytes()
+    flipped = bytearray(data)
+    flipped[pos] ^= 1 << bit
+    path.write_bytes(bytes(flipped))
+    return data
+
+
+@pytest.mark.parametrize("which", ["weights", "state", "manifest", "last", "best"])
+def test_a_flipped_bit_in_any_checkpoint_file_is_an_error_naming_it(tmp_path, which) -> None:
+    info = {"metrics": {"top1": 9.5}, "data": {"mean": [0.2860], "std": [0.3530]}}
+    path = save_checkpoint(tmp_path, 5, _weights(1.0), _state(5), tags=("last", "best"), info=info)
+    files = json.loads(path.read_text())["files"]
+    target, entry = {
+        "weights": (tmp_path / files["weights"]["file"], tmp_path / "last.json"),
+        "state": (tmp_path / files["state"]["file"], tmp_path / "last.json"),
+        "manifest": (path, path),
+        "last": (tmp_path / "last.json", tmp_path),
+        "best": (tmp_path / "best.json", tmp_path / "best.json"),
+    }[which]
+    size = target.stat().st_size
+    rng = random.Random(which)
+    # Every byte of a JSON file (its keys, digits, whitespace, checksum), a sample of the others.
+    positions = range(size) if target.suffix == ".json" else rng.sample(range(size), 150)
+    for pos in positions:
+        original = _flip(target, pos, rng.randrange(8))
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(entry, weights_only=which != "state")
+        assert str(target) in str(e.value), (pos, str(e.value))
+        target.write_bytes(original)
+    assert load_checkpoint(entry).manifest["data"]["mean"] == [0.2860]
+
+
+def test_manifest_checksum_is_over_the_bytes(tmp_path) -> None:
+    path = save_checkpoint(tmp_path, 1, _weights(1.0), _state(1), info={"data": {"mean": [0.5]}})
+    text = path.read_text()
+    assert '"manifest_sha256": "' in text and '"version": 2' in text
+    # Same meaning, different bytes (an edit by hand): still refused, never silently read.
+    assert text.count(" 0.5\n") == 1
+    path.write_text(text.replace(" 0.5\n", " 5e-1\n"))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+    # A section renamed consistently (checksum recomputed) is named, not a KeyError.
+    manifest = json.loads(text)
+    manifest["filez"] = manifest.pop("files")
+    path.write_bytes(ckpt.manifest_bytes(manifest))
+    with pytest.raises(CheckpointError, match=rf"{path}: corrupt manifest \(files\.weights"):
+        load_checkpoint(path)
+
+
+def test_version_1_manifests_still_load(tmp_path) -> None:
+    path = save_checkpoint(tmp_path, 1, _weights(1.0), _state(1))
+    manifest = json.loads(path.read_text())
+    del manifest["manifest_sha256"]
+    manifest["version"] = 1
+    path.write_text(json.dumps(manifest))
+    assert load_checkpoint(path).manifest["step"] == 1
+
+
+# -- leftovers, modes ----------------------------------------------------------------------------
+
+
+def test_leftovers_of_crashes_are_removed_by_the_next_save(tmp_path) -> None:
+    save_checkpoint(tmp_path, 1, _weights(1.0), _state(1), tags=("last", "best"), keep=1)
+    save_checkpoint(tmp_path, 2, _weights(2.0), _state(2), keep=1)
+    junk = [
+        tmp_path / ".ckpt-00000003.safetensors.k2j4h5.tmp",  # killed mid-write
+        tmp_path / ".last.json.abcdef.tmp",
+        tmp_path / "ckpt-00000003.safetensors",  # written, then the disk filled up
+        tmp_path / "ckpt-00000003.state.pt",
+        tmp_path / "ckpt-00000000-2.safetensors",
+    ]
+    for p in junk:
+        p.write_bytes(b"x" * 1000)
+    assert sorted(p.name for p in ckpt.clean_checkpoint_dir(tmp_path)) == sorted(
+        p.name for p in junk
+    )
+    for p in junk:
+        p.write_bytes(b"x" * 1000)
+    save_checkpoint(tmp_path, 4, _weights(4.0), _state(4), keep=1)
+    assert not any(p.exists() for p in junk)
+    # What a manifest or tag refers to stays: best (step 1) and last (step 4).
+    assert load_checkpoint(tmp_path / "best.json").manifest["step"] == 1
+    assert load_checkpoint(tmp_path).manifest["step"] == 4
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        ["best.json", "last.json"]
+        + [f"ckpt-0000000{s}{x}" for s in (1, 4) for x in (".json", ".safetensors", ".state.pt")]
+    )
+
+
+def test_a_failed_save_removes_what_it_wrote(tmp_path, monkeypatch) -> None:
+    from acmix.utils import io as uio
+
+    real = uio.atomic_write_bytes
+    written = []
+
+    def full_disk(path, data):
+        if str(path).endswith(".json"):
+            raise OSError(28, f"cannot write {path}: No space left on device")
+        written.append(path)
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 1, _weights(1.0), _state(1))
+    assert len(written) == 2 and os.listdir(tmp_path) == []
+
+
+def test_checkpoint_files_respect_the_umask(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "a", 1, _weights(1.0), _state(1))
+        os.umask(0o077)
+        save_checkpoint(tmp_path / "b", 1, _weights(1.0), _state(1))
+    finally:
+        os.umask(old)
+    for sub, mode in (("a", 0o644), ("b", 0o600)):
+        for p in (tmp_path / sub).iterdir():
+            assert p.stat().st_mode & 0o777 == mode, (p, oct(p.stat().st_mode))
+
+
+def test_a_failed_write_names_the_file(tmp_path) -> None:
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'no' / 'f.bin'}"):
+        atomic_write_bytes(tmp_path / "no" / "f.bin", b"x")

@@ -1,7 +1,11 @@
 """File I/O every layer shares: atomic writes, safe checkpoint reading, state-dict hygiene.
 
 * :func:`atomic_write_bytes`: temp file in the target's directory, ``fsync``,
-  read-back check, ``os.replace`` (atomic on POSIX), directory ``fsync``.
+  read-back check, ``os.replace`` (atomic on POSIX), directory ``fsync``; the
+  file gets the mode a plain ``open()`` would give it (``0o666`` less the umask).
+* :func:`exclusive_lock`: an advisory ``flock`` on a lock file that records
+  its holder (PID, host, command); the kernel drops it when the holder dies,
+  so a lock left by a killed process is recovered, never waited for.
 * :func:`load_checkpoint_file`: a ``.safetensors`` file, or anything else
   with ``torch.load(weights_only=True)``; no code from the file ever runs.
 * :func:`unwrap_state_dict`: a clean ``{key: tensor}`` from a training
@@ -13,10 +17,15 @@ Every failure to read or fit a checkpoint is the one :class:`CheckpointError`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import socket
+import sys
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +35,11 @@ from safetensors.torch import load_file
 
 __all__ = [
     "CheckpointError",
+    "LockError",
     "atomic_write_bytes",
     "atomic_write_text",
     "check_shapes",
+    "exclusive_lock",
     "load_checkpoint_file",
     "strip_wrapper_prefix",
     "unwrap_checkpoint",
@@ -46,7 +57,25 @@ class CheckpointError(ValueError, RuntimeError):
     """
 
 
+class LockError(RuntimeError):
+    """A lock another live process holds (the message names the holder and the lock file)."""
+
+
 # -- atomic files -----------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where ``/proc`` says it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -72,15 +101,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     Returns:
         The SHA-256 hex digest of ``data``.
 
+    The temp file is named ``.<name>.<random>.tmp``; a process killed
+    mid-write leaves it behind (:func:`acmix.engine.checkpoint.save_checkpoint`
+    removes such leftovers from its directory). The file's mode is
+    ``0o666 & ~umask``, as for a file made by ``open()`` (not ``mkstemp``'s 0600).
+
     Raises:
         CheckpointError: the bytes read back differ (the target is untouched).
-        OSError: the write failed (the target is untouched; the temp file is removed).
+        OSError: the write failed, e.g. a full disk (the message names ``path``; the
+            target is untouched; the temp file is removed).
     """
     path = Path(path)
     digest = hashlib.sha256(data).hexdigest()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -88,6 +127,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
             if hashlib.sha256(f.read()).hexdigest() != digest:
                 raise CheckpointError(f"{tmp}: bytes read back differ from those written")
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -98,6 +140,105 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:
     """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8; returns its SHA-256."""
     return atomic_write_bytes(path, text.encode())
+
+
+# -- locks ------------------------------------------------------------------------------------
+
+
+def _holder_text(raw: bytes) -> str:
+    try:
+        info = json.loads(raw.decode())
+        return (
+            f"PID {info['pid']} on {info['host']} since {info['since']} "
+            f"(command: {info['command']})"
+        )
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "a process that wrote no holder record"
+
+
+@contextlib.contextmanager
+def exclusive_lock(
+    path: str | os.PathLike, *, what: str, timeout: float = 0.0, hint: str = ""
+) -> Iterator[dict[str, Any] | None]:
+    """Hold an exclusive advisory lock on ``path`` for the ``with`` block.
+
+    The lock is ``flock(LOCK_EX)`` on the file ``path`` (created if needed),
+    which records the holder as JSON: PID, host, start time, command line.
+    The kernel releases a ``flock`` when its holder exits in any way, ``kill
+    -9`` included, so a lock file left by a dead process is simply taken over
+    (its record is yielded so the caller can say so). On release the file is
+    removed. A process that finds the path replaced under it (the holder
+    removed it while it waited) retries on the new file, so two processes
+    never both hold it. POSIX only: where ``fcntl`` is missing the block runs
+    unlocked.
+
+    Args:
+        path: the lock file.
+        what: what the lock protects, for the message (``"run directory runs/x"``).
+        timeout: seconds to wait for a held lock (0: fail at once).
+        hint: appended to the error message (what to do instead).
+
+    Yields:
+        The record of a previous holder that died without releasing (a stale
+        lock recovered), else ``None``.
+
+    Raises:
+        LockError: another live process holds the lock past ``timeout`` (its PID,
+            host, start time and command are named).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield None
+        return
+    path = Path(path)
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = _holder_text(os.pread(fd, 4096, 0))
+                        raise LockError(
+                            f"{what} is in use: {path} is locked by {holder}"
+                            + (f"; {hint}" if hint else "")
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder removed the file while we waited: lock the new one
+    try:
+        stale = None
+        raw = os.pread(fd, 4096, 0)
+        if raw.strip():
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                stale = json.loads(raw.decode())
+            if not isinstance(stale, dict):
+                stale = {"record": raw.decode(errors="replace")}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv) or sys.executable,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield stale
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)  # closing drops the flock
 
 
 # -- reading checkpoints ----------------------------------------------------------------------
