@@ -46,6 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
 # -- options several commands share ---------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (``--img-size 0`` is an error, not ignored)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An ``argparse`` type: a finite number > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def add_model_arg(p: argparse.ArgumentParser, what: str) -> None:
     """Add the repeatable ``--model-arg KEY=VALUE`` option (read by :func:`parse_model_args`).
 
@@ -246,6 +270,25 @@ def _report_error(prog: str, e: BaseException) -> int:
     return 2 if type(e).__name__ == "ConfigError" else 1
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions any command reports as ``acmix CMD: error: ...`` instead of a traceback.
+
+    Environment failures (``OSError``: a full disk, a missing or unreadable
+    file) and the library's own error types, whose messages name the value,
+    key or file at fault. Anything else is a bug and keeps its traceback.
+    """
+    from acmix.utils.config import ConfigError
+    from acmix.utils.io import CheckpointError, LockError
+
+    errors: list[type[BaseException]] = [OSError, ConfigError, CheckpointError, LockError]
+    # Raised only by modules a command has imported already (importing them costs seconds).
+    for module, name in (("acmix.data", "DataError"), ("acmix.engine.trainer", "NonFiniteError")):
+        found = getattr(sys.modules.get(module), name, None)
+        if isinstance(found, type):
+            errors.append(found)
+    return tuple(errors)
+
+
 @command("train", "train a model from a YAML recipe (one process or torchrun / DDP)")(
     _configure_train
 )
@@ -361,8 +404,10 @@ def eval_cmd(args: argparse.Namespace) -> int:
         try:
             data = build_data(cfg.data, cfg.aug, getattr(loaded.model, "pretrained_cfg", None))
             if data.num_classes != getattr(loaded.model, "num_classes", data.num_classes):
+                where = f" in {cfg.data.data_dir}" if cfg.data.data_dir else ""
                 raise ConfigError(
-                    f"the data has {data.num_classes} classes, the model {loaded.model.num_classes}"
+                    f"the data ({cfg.data.dataset}{where}) has {data.num_classes} classes, "
+                    f"the model of {args.checkpoint} {loaded.model.num_classes}"
                 )
             model = loaded.model.to(info.device)
             loader = data.val_loader(
@@ -393,7 +438,9 @@ def _configure_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", help="timm model name (needed for a bare .safetensors file)")
     add_model_arg(p, "for a bare .safetensors file (num_classes=10, in_chans=1, ...)")
-    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument(
+        "--topk", type=positive_int, default=5, help="classes shown per image (default 5)"
+    )
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -434,14 +481,16 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="run dir, checkpoint dir, manifest or .safetensors")
     p.add_argument("--model", help="timm model name (without a checkpoint: fresh weights)")
     add_model_arg(p, "(num_classes=10, in_chans=1, mixer=conv, ...)")
-    p.add_argument("--img-size", type=int, help="trace size (default: the checkpoint's data)")
+    p.add_argument(
+        "--img-size", type=positive_int, help="trace size (default: the checkpoint's data)"
+    )
     p.add_argument(
         "--dynamic-hw",
         action="store_true",
         help="also make height / width dynamic (checked at a second, larger size; valid "
         "for inputs not smaller than the traced size)",
     )
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument(
         "--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch"
@@ -462,7 +511,7 @@ def export_cmd(args: argparse.Namespace) -> int:
         return 2
     try:
         loaded = load_model(args.checkpoint, args.model, kwargs, ema=args.ema)
-        size = args.img_size or int(loaded.data["img_size"])
+        size = args.img_size if args.img_size is not None else int(loaded.data["img_size"])
         in_chans = int(loaded.data.get("in_chans", kwargs.get("in_chans", 3)))
         report = export_onnx(
             loaded.model,
@@ -482,13 +531,17 @@ def export_cmd(args: argparse.Namespace) -> int:
 
 def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch threads (default: all)"
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference path")
     p.add_argument(
         "--models", action="store_true", help="also time acmix_resnet50 and ACmix Swin-T (minutes)"
     )
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds per layer measurement")
+    p.add_argument(
+        "--min-time", type=positive_float, default=0.5, help="seconds per layer measurement"
+    )
     p.add_argument(
         "--malloc",
         choices=("tuned", "default"),
@@ -557,9 +610,13 @@ def _write_text(path: Path, text: str) -> None:
 
 def _configure_flops(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="registered model name, e.g. acmix_resnet50")
-    p.add_argument("--img-size", type=int, default=224, help="square input size (default 224)")
+    p.add_argument(
+        "--img-size", type=positive_int, default=224, help="square input size (default 224)"
+    )
     p.add_argument("--per-layer", action="store_true", help="also list MACs per stage / layer")
-    p.add_argument("--depth", type=int, default=2, help="module depth of --per-layer (default 2)")
+    p.add_argument(
+        "--depth", type=positive_int, default=2, help="module depth of --per-layer (default 2)"
+    )
     p.add_argument(
         "--paper-table",
         action="store_true",
@@ -688,7 +745,7 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registered model name: also measure |α·F_att| vs |β·F_conv|")
     add_model_arg(p, "for --model")
     p.add_argument("--images", type=Path, nargs="*", default=[], help="image files or folders")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=positive_int, default=224)
     p.add_argument("--plot", type=Path, default=None, help="write the α/β-by-depth PNG here")
 
 
@@ -791,7 +848,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _, run, _ = _COMMANDS[args.command]
-    return int(run(args) or 0)
+    try:
+        return int(run(args) or 0)
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            return _report_error(args.command, e)
+        raise
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -124,8 +125,15 @@ def test_mismatched_class_sets(tmp_path) -> None:
     root = make_image_folder(tmp_path, classes=("cat", "dog"), per_class=1, splits=("train",))
     make_image_folder(tmp_path, classes=("cat", "eel"), per_class=1, splits=("val",))
     train = ImageFolder(root / "train")
-    with pytest.raises(DataError, match=r"only in expected: \['dog'\]; only in .*: \['eel'\]"):
+    with pytest.raises(DataError, match=r"expected classes: \['dog'\]; only in .*: \['eel'\]"):
         ImageFolder(root / "val", classes=train.classes)
+    # Through the recipe: the message names both folders.
+    from acmix.data import AugConfig, DataConfig, build_data
+
+    cfg = DataConfig(dataset="folder", data_dir=str(root))
+    train_dir, val_dir = re.escape(str(root / "train")), re.escape(str(root / "val"))
+    with pytest.raises(DataError, match=rf"between {train_dir} and {val_dir}: only in {train_dir}"):
+        build_data(cfg, AugConfig(), {})
 
 
 def test_corrupt_image_skip_policy(tmp_path) -> None:

@@ -266,6 +266,8 @@ class ImageFolder(Dataset):
         bad_images: ``"skip"`` or ``"error"``.
         classes: expected class names (another split's); ``None``: the
             folders found.
+        classes_from: where ``classes`` came from (the other split's folder),
+            named with this one when they differ.
 
     Raises:
         DataError: ``root`` is missing or not a folder, has no class folders,
@@ -278,6 +280,7 @@ class ImageFolder(Dataset):
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
         bad_images: str = "skip",
         classes: Sequence[str] | None = None,
+        classes_from: str = "the expected classes",
     ) -> None:
         if bad_images not in ("skip", "error"):
             raise ValueError(f"bad_images must be 'skip' or 'error', got {bad_images!r}")
@@ -293,7 +296,7 @@ class ImageFolder(Dataset):
         if not found:
             raise DataError(f"no class folders in {self.root} (expected {self.root}/<class>/*.jpg)")
         if classes is not None:
-            check_same_classes(list(classes), found, "expected", str(self.root))
+            check_same_classes(list(classes), found, classes_from, str(self.root))
         self.classes = found
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(found):

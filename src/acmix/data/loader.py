@@ -259,7 +259,10 @@ def build_data(
             raise DataError(f"image-folder root not found: {root}")
         train_f = ImageFolder(root / data.train_split, bad_images=data.bad_images)
         val_f = ImageFolder(
-            root / data.val_split, bad_images=data.bad_images, classes=train_f.classes
+            root / data.val_split,
+            bad_images=data.bad_images,
+            classes=train_f.classes,
+            classes_from=str(root / data.train_split),
         )
         if data.check_images:
             train_f.verify()

@@ -10,6 +10,7 @@ from acmix.engine.checkpoint import (
     Checkpoint,
     CheckpointError,
     atomic_write_bytes,
+    clean_checkpoint_dir,
     load_checkpoint,
     load_weights,
     save_checkpoint,
@@ -39,7 +40,8 @@ from acmix.engine.inference import (
 )
 from acmix.engine.metrics import alpha_beta, plot_alpha_beta, plot_curves
 from acmix.engine.optim import WarmupCosine, build_optimizer
-from acmix.engine.trainer import TrainResult, build_model, train
+from acmix.engine.trainer import NonFiniteError, TrainResult, build_model, train
+from acmix.utils.io import LockError
 
 __all__ = [
     "AugConfig",
@@ -51,7 +53,9 @@ __all__ = [
     "DistInfo",
     "ExportReport",
     "LoadedModel",
+    "LockError",
     "ModelConfig",
+    "NonFiniteError",
     "OptimConfig",
     "SchedConfig",
     "TrainConfig",
@@ -62,6 +66,7 @@ __all__ = [
     "atomic_write_bytes",
     "build_model",
     "build_optimizer",
+    "clean_checkpoint_dir",
     "config_from_dict",
     "config_to_dict",
     "evaluate",

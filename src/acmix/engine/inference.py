@@ -57,7 +57,7 @@ def load_model(
 
     Raises:
         CheckpointError: an unreadable checkpoint, or weights that do not fit.
-        ValueError: no model name known.
+        ValueError: no model name known, an unknown one, or kwargs the model refuses.
     """
     manifest: dict[str, Any] = {}
     weights = None
@@ -78,7 +78,14 @@ def load_model(
         if key in m:
             kwargs[key] = m[key]
     kwargs.update(model_kwargs or {})
-    model = timm.create_model(name, **kwargs)
+    try:
+        model = timm.create_model(name, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise
+        raise ValueError(f"unknown model {name!r}; see `acmix list-models`") from None
+    except (TypeError, ValueError) as e:  # a kwarg the model refuses, or a bad value
+        raise ValueError(f"cannot build {name!r} with {kwargs}: {e}") from None
     if weights is not None:
         try:
             model.load_state_dict(weights)
@@ -114,8 +121,11 @@ def predict_images(
     through the evaluation transform of the checkpoint's data.
 
     Raises:
-        FileNotFoundError / ValueError: an image is missing or unreadable (named).
+        FileNotFoundError / ValueError: an image is missing or unreadable (named),
+            or ``topk`` is not a positive integer.
     """
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
     d = loaded.data
     tf = build_eval_transform(
         int(d["img_size"]),

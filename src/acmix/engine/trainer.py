@@ -22,6 +22,18 @@ bit-exactly (6 steps straight == 3 + resume + 3).
 **Signals.** SIGINT / SIGTERM let the current step finish, save a ``last``
 checkpoint and return (the CLI exits with ``128 + signal``); all processes
 of a DDP run agree on the step. A second SIGINT interrupts at once.
+
+**One run per directory.** Rank 0 holds ``<output>/run.lock``
+(:func:`acmix.utils.io.exclusive_lock`) for the whole run; a second run into
+the same directory fails at once with a :class:`~acmix.utils.io.LockError`
+naming the holder's PID and command. The kernel drops the lock of a process
+that dies (``kill -9`` too), so the next run takes it over.
+
+**Non-finite values.** A loss that is NaN or infinite stops the run with a
+:class:`NonFiniteError` before the step is applied (all processes of a DDP
+run agree); the checkpoints already written stay as they are. Weights that
+are not finite are never saved, and an evaluation whose loss is not finite
+never becomes ``best``.
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ from torch import nn
 from acmix.data import TrainBatchSampler, build_data, build_mixup, sample_seed
 from acmix.engine.checkpoint import (
     CheckpointError,
+    clean_checkpoint_dir,
     get_rng_state,
     load_checkpoint,
     load_weights,
@@ -62,8 +75,16 @@ from acmix.engine.distributed import DistInfo, all_reduce_sum, cleanup_distribut
 from acmix.engine.evaluate import evaluate
 from acmix.engine.metrics import MetricsLogger, plot_alpha_beta, plot_curves
 from acmix.engine.optim import WarmupCosine, build_optimizer, peak_lr
+from acmix.utils.io import LockError, exclusive_lock
 
-__all__ = ["TrainResult", "build_model", "seed_everything", "train"]
+__all__ = ["RUN_LOCK", "NonFiniteError", "TrainResult", "build_model", "seed_everything", "train"]
+
+#: The run directory's lock file (held by rank 0 while a run is in progress).
+RUN_LOCK = "run.lock"
+
+
+class NonFiniteError(RuntimeError):
+    """The training loss or the weights became NaN / infinite (the message says where)."""
 
 
 @dataclass
@@ -132,6 +153,10 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module:
                 f"model.name: unknown model {cfg.name!r}; see `acmix list-models`"
             ) from None
         raise
+    except (TypeError, ValueError) as e:  # a kwarg the model refuses, or a bad value
+        raise ConfigError(
+            f"model: cannot build {cfg.name!r} with model.kwargs={dict(cfg.kwargs)}: {e}"
+        ) from None
     if cfg.init_from:
         sd = load_weights(cfg.init_from)
         own = model.state_dict()
@@ -198,12 +223,45 @@ def train(
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     try:
-        return _Trainer(cfg, info, resume, log or print).run()
+        with _run_lock(Path(cfg.train.output), info, log or print):
+            return _Trainer(cfg, info, resume, log or print).run()
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
         if started:
             cleanup_distributed()
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, info: DistInfo, log: Callable[[str], None]) -> Any:
+    """Rank 0 locks ``out`` for the run; every rank fails together when it cannot."""
+    error: LockError | None = None
+    with contextlib.ExitStack() as stack:
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                stale = stack.enter_context(
+                    exclusive_lock(
+                        out / RUN_LOCK,
+                        what=f"run directory {out}",
+                        hint="wait for that run to end, or give this one another train.output",
+                    )
+                )
+            except LockError as e:
+                error = e
+            else:
+                if stale is not None:
+                    log(
+                        f"{out / RUN_LOCK}: taking over the lock of a run that ended without "
+                        f"releasing it (PID {stale.get('pid', '?')}, {stale.get('command', '?')})"
+                    )
+        if info.distributed:
+            failed = all_reduce_sum([1.0 if error is not None else 0.0], info)[0]
+            if failed and error is None:
+                error = LockError(f"run directory {out} is in use (rank 0 could not lock it)")
+        if error is not None:
+            raise error
+        yield
 
 
 class _Trainer:
@@ -291,6 +349,10 @@ class _Trainer:
         self.step = 0
         self.best_top1 = -1.0
         self.last_saved = -1
+        self.last_manifest: Path | None = None
+        if info.is_main:
+            for p in clean_checkpoint_dir(self.ckpt_dir):
+                self.log(f"removed a leftover of an interrupted run: {p}")
         self._maybe_resume()
         self.start_step = self.step
         ddp: nn.Module = model
@@ -341,6 +403,7 @@ class _Trainer:
         self.step = int(state["step"])
         self.best_top1 = float(state.get("best_top1", -1.0))
         self.last_saved = self.step
+        self.last_manifest = ck.path
         if self.step != self.sched.t:
             raise CheckpointError(f"{ck.path}: step {self.step} != scheduler step {self.sched.t}")
         self.log(
@@ -351,11 +414,13 @@ class _Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _save(self, tags: tuple[str, ...], val: dict[str, float] | None = None) -> Path | None:
+        """Checkpoint this step (rank 0); returns the manifest (the latest one if saved already)."""
         if self.last_saved == self.step and tags == ("last",):
-            return None
+            return self.last_manifest
         self.last_saved = self.step
         if not self.info.is_main:
             return None
+        self._check_finite_weights()
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.sched.state_dict(),
@@ -381,7 +446,7 @@ class _Trainer:
             "config": config_to_dict(self.cfg),
             "torch": torch.__version__,
         }
-        return save_checkpoint(
+        self.last_manifest = save_checkpoint(
             self.ckpt_dir,
             self.step,
             self.model.state_dict(),
@@ -390,6 +455,34 @@ class _Trainer:
             keep=self.cfg.train.keep,
             info=json.loads(json.dumps(meta, default=str)),
         )
+        return self.last_manifest
+
+    def _check_finite_weights(self) -> None:
+        """Raise :class:`NonFiniteError` rather than save a NaN / inf weight or buffer."""
+        models = [("", self.model)]
+        if self.ema is not None:
+            models.append(("EMA ", self.ema.module))
+        for what, model in models:
+            for name, t in model.state_dict().items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(
+                        f"the {what}weights are not finite at step {self.step} ({name}); "
+                        f"not saving them. The last checkpoint ({self.last_manifest}) is kept; "
+                        "lower optim.lr or set optim.grad_clip"
+                    )
+
+    def _check_finite_loss(self, loss: torch.Tensor, epoch: int) -> None:
+        """Raise :class:`NonFiniteError` (on every rank together) for a NaN / inf loss."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self.info.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise NonFiniteError(
+                f"the training loss is {loss.item()} at step {self.step + 1} (epoch {epoch + 1}, "
+                f"lr {self.sched.get_last_lr():g}); stopped before applying that step. "
+                f"The last checkpoint ({self.last_manifest}) is kept. Lower optim.lr, set "
+                "optim.grad_clip, or check the data and train.amp"
+            )
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -436,7 +529,7 @@ class _Trainer:
         )
         result = TrainResult(output=self.out)
         images, train_time = 0, 0.0
-        with _StopFlag() as flag:
+        with _StopFlag() as flag, contextlib.closing(self.metrics):
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 stats, n_img, dt, stopped = self._train_epoch(epoch, start, flag)
@@ -455,7 +548,9 @@ class _Trainer:
                 evaluated = done % cfg.train.eval_every == 0 or done == cfg.train.epochs
                 val = self._evaluate() if evaluated else {}
                 tags: tuple[str, ...] = ("last",)
-                if val and val["top1"] > self.best_top1:
+                if val and not math.isfinite(val["loss"]):
+                    self.log(f"warning: the validation loss is {val['loss']}: not a best")
+                elif val and val["top1"] > self.best_top1:
                     self.best_top1 = val["top1"]
                     tags = ("last", "best")
                 result.checkpoint = self._save(tags, val) or result.checkpoint
@@ -484,7 +579,6 @@ class _Trainer:
                 if self._stop_after_reached():
                     result.stopped = "stop_after_steps"
                     break
-        self.metrics.close()
         result.ranks_in_sync = self._ranks_in_sync()
         if info.is_main and cfg.train.plots and result.stopped is None:
             result.plots = self._plots()
@@ -536,6 +630,7 @@ class _Trainer:
             with self._autocast():
                 out = self.fwd(x)
                 loss = self.criterion(out, target)
+            self._check_finite_loss(loss, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -597,7 +692,9 @@ class _Trainer:
                 stopped = "stop_after_steps"
             if stopped is not None:
                 break
-            if cfg.train.save_every_steps and self.step % cfg.train.save_every_steps == 0:
+            # The last step of an epoch is saved after the evaluation, with its metrics.
+            every = cfg.train.save_every_steps
+            if every and self.step % every == 0 and k < self.steps_per_epoch:
                 self._save(("last",))
         dt = time.perf_counter() - t0
         if bar is not None:
@@ -609,8 +706,6 @@ class _Trainer:
             "loss": total_loss / max(total, 1),
             "top1": 100.0 * total_correct / max(total, 1),
         }
-        if not math.isfinite(stats["loss"]):
-            self.log("warning: the training loss is not finite")
         return stats, int(total), dt, stopped
 
     def _ranks_in_sync(self) -> bool | None:
