@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from acmix.ops import (
@@ -45,9 +46,30 @@ from acmix.utils.checks import (
 INITS: tuple[str, ...] = ("paper", "official")
 PATHS: tuple[str, ...] = ("both", "attn", "conv")
 
+
+@torch.fx.wrap
+def fx_leaf_call(layer: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+    """Run ``layer(*args)``: under a symbolic (FX) trace, one opaque node per ACmix layer.
+
+    An ACmix layer's forward checks its input and branches on tensor shapes,
+    which a ``torch.fx`` trace cannot follow; its ``forward`` hands a traced
+    call to this wrapped function instead, so ``torch.fx.symbolic_trace``,
+    torchvision's ``create_feature_extractor`` and timm's ``feature_cls="fx"``
+    record the layer as a single call (and run its real forward).
+    """
+    return layer(*args)
+
+
+def is_fx_tracing() -> bool:
+    """Whether a ``torch.fx`` symbolic trace is running (not TorchDynamo / export)."""
+    trace = torch.fx._symbolic_trace
+    return getattr(trace, "is_fx_symbolic_tracing", trace.is_fx_tracing)()
+
+
 __all__ = ["INITS", "PATHS", "ACmix", "ACmixBase", "ACmixConv2d"]
 
 
+@register_notrace_module  # timm's FX feature extraction keeps every ACmix layer whole
 class ACmixBase(nn.Module):
     """The parts shared by every ACmix layer: convolution path and alpha/beta mix.
 
@@ -301,6 +323,8 @@ class ACmix(ACmixBase):
         Returns:
             ``(B, out_planes, ceil(H / stride), ceil(W / stride))``.
         """
+        if is_fx_tracing():
+            return fx_leaf_call(self, x)
         check_float_tensor("input", x, 4, "(B, C, H, W)")
         check_channels("input", x.shape[1], self.in_planes, "(B, C, H, W)")
         B, _, H, W = x.shape

@@ -17,7 +17,7 @@ import torch
 from timm.layers import to_2tuple
 from torch import nn
 
-from acmix.layers.acmix import INITS, ACmixBase
+from acmix.layers.acmix import INITS, ACmixBase, fx_leaf_call, is_fx_tracing
 from acmix.ops import BACKENDS, window_attention
 from acmix.utils.checks import (
     check_channels,
@@ -34,6 +34,8 @@ __all__ = [
     "window_partition",
     "window_reverse",
 ]
+
+torch.fx.wrap("fx_leaf_call")  # a traced WindowACmix is one node, as in acmix.py
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -194,6 +196,8 @@ class WindowACmix(ACmixBase):
         Returns:
             ``(B, H, W, C)``.
         """
+        if is_fx_tracing():
+            return fx_leaf_call(self, x, mask)
         check_float_tensor("input", x, 4, "(B, H, W, C)")
         check_channels("input", x.shape[-1], self.dim, "(B, H, W, C)")
         B, H, W, C = x.shape
