@@ -8,8 +8,18 @@ Quick start::
 """
 
 from acmix import analysis, layers, models
-from acmix.layers import ACmix, ACmixConv2d, WindowACmix
+from acmix.layers import ACmix, ACmixConv2d, ConvReplacement, WindowACmix, convert_model
 
 __version__ = "0.1.0"
 
-__all__ = ["ACmix", "ACmixConv2d", "WindowACmix", "__version__", "analysis", "layers", "models"]
+__all__ = [
+    "ACmix",
+    "ACmixConv2d",
+    "ConvReplacement",
+    "WindowACmix",
+    "__version__",
+    "analysis",
+    "convert_model",
+    "layers",
+    "models",
+]

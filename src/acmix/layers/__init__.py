@@ -13,6 +13,7 @@ from acmix.layers.factory import (
     plain_conv,
     resolve_mixer,
 )
+from acmix.layers.replace import ConvReplacement, convert_model
 from acmix.layers.window import (
     WindowACmix,
     relative_position_index,
@@ -54,6 +55,7 @@ __all__ = [
     "ACmixConv2d",
     "ConvPathConfig",
     "ConvPathLike",
+    "ConvReplacement",
     "MixerFactory",
     "MixerSpec",
     "WindowACmix",
@@ -62,6 +64,7 @@ __all__ = [
     "conv2d_as_shift_sum",
     "conv_path",
     "conv_path_features",
+    "convert_model",
     "create_mixer",
     "kernel_offsets",
     "local_attention",

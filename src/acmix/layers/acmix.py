@@ -229,7 +229,7 @@ class ACmix(ACmixBase):
             the shift kernels included).
         backend: the backend of every op the layer runs, one of
             :data:`acmix.ops.BACKENDS` (see :func:`acmix.ops.choose_backend`).
-        mlp_hidden: hidden width of the MLP weighting (default ``d``).
+        mlp_hidden: hidden width of the MLP weighting, an int >= 1 (``None``: ``d``).
         paths: ``"both"`` (ACmix, default), ``"attn"`` (local self-attention
             only: the SASA-style baseline) or ``"conv"`` (convolution path only).
 
@@ -284,7 +284,9 @@ class ACmix(ACmixBase):
         self.conv3 = nn.Conv2d(in_planes, out_planes, kernel_size=1)  # values
         self.conv_p = nn.Conv2d(2, head_dim, kernel_size=1) if self.use_att else None
         if attn_weight == "mlp" and self.use_att:
-            hidden = mlp_hidden or head_dim
+            hidden = (
+                head_dim if mlp_hidden is None else check_positive_int("mlp_hidden", mlp_hidden)
+            )
             self.attn_mlp = nn.Sequential(
                 nn.Linear(2 * head_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1, bias=False)
             )
@@ -470,17 +472,43 @@ class ACmixConv2d(ACmix):
     def from_conv2d(cls, conv: nn.Conv2d, **kwargs: object) -> ACmixConv2d:
         """Build an ACmix layer shaped like ``conv`` (channels, kernel, stride, device, dtype).
 
-        The convolution's weights are not transferred (the two layers
-        parametrise different functions).
+        The replacement must map the same inputs to the same output shape, so
+        what ACmix cannot reproduce is refused with the reason: a non-square
+        kernel or stride, an even kernel, padding other than ``kernel // 2``
+        (or ``"same"``), dilation other than 1, ``groups`` other than 1, a
+        ``padding_mode`` other than ``"zeros"``. The convolution's weights are
+        not transferred (the two layers parametrise different functions).
+
+        Raises:
+            TypeError: ``conv`` is not an ``nn.Conv2d``.
+            ValueError: ``conv`` has a property ACmix cannot reproduce (named).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
         kh, kw = conv.kernel_size
         sh, sw = conv.stride
+        what = (
+            f"cannot replace Conv2d({conv.in_channels}, {conv.out_channels}, "
+            f"kernel_size={conv.kernel_size}, stride={conv.stride}, padding={conv.padding}, "
+            f"dilation={conv.dilation}, groups={conv.groups}) by ACmix"
+        )
         if kh != kw or sh != sw:
+            raise ValueError(f"{what}: only square kernels and strides are supported")
+        if kh % 2 == 0:
+            raise ValueError(f"{what}: the kernel must be odd (a window centred on its pixel)")
+        if conv.dilation != (1, 1):
+            raise ValueError(f"{what}: ACmix windows are dense (dilation 1)")
+        if conv.groups != 1:
+            raise ValueError(f"{what}: ACmix mixes all channels (groups 1)")
+        if conv.padding_mode != "zeros":
             raise ValueError(
-                f"only square kernels and strides are supported, got kernel "
-                f"{conv.kernel_size} and stride {conv.stride}"
+                f"{what}: padding_mode={conv.padding_mode!r}; its convolution path pads with zeros"
             )
-        layer = cls(conv.in_channels, conv.out_channels, kh, sh, groups=conv.groups, **kwargs)
+        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        if padding not in ("same", (kh // 2, kh // 2)):
+            raise ValueError(
+                f"{what}: ACmix keeps the map size (padding {kh // 2} = kernel_size // 2), "
+                f"padding={conv.padding!r} would not"
+            )
+        layer = cls(conv.in_channels, conv.out_channels, kh, sh, **kwargs)
         return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)

@@ -224,9 +224,13 @@ class WindowACmix(ACmixBase):
         q, k, v = windows.view(Bw, L, 3, N, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, N, L, d)
         bias = self.position_bias().unsqueeze(0).to(q.dtype)  # (1, N, L, L)
         if mask is not None:
-            nW = mask.shape[0]
-            if Bw % nW:
-                raise ValueError(f"mask has {nW} windows, but the map has {Bw // B} per image")
+            nW = (H // wh) * (W // ww)  # windows per image
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (nW, L, L):
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(
+                    f"mask must be (windows per image, Wh*Ww, Wh*Ww) = ({nW}, {L}, {L}) for this "
+                    f"{H}x{W} map and {wh}x{ww} window, got {got}"
+                )
             bias = (bias.unsqueeze(0) + mask.to(q.dtype).view(1, nW, 1, L, L)).expand(
                 Bw // nW, nW, N, L, L
             )

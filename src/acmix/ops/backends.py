@@ -89,7 +89,13 @@ def explain_backend(
     strict = requested != "auto" and requested in impls
     candidates = (requested,) if strict else impls
     reasons: dict[str, str] = {}
-    if requested != "auto" and not strict:
+    if requested != "auto" and not strict and "composed" in impls:
+        # A composite op (acmix_stage2) runs a request it has no form of its own for as
+        # its parts, each of which gets the request: backend="reference" must reach the
+        # reference attention and conv path, not the fused kernel "auto" would pick.
+        candidates = ("composed",)
+        reasons[requested] = f"{op} has no {requested!r} form; composed of ops that take it"
+    elif requested != "auto" and not strict:
         reasons[requested] = f"{op} has no {requested!r} implementation; chosen as under 'auto'"
     for name in candidates:
         why = _CHECKS[name](op, tensors, facts)

@@ -63,23 +63,29 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 def check_float_tensor(name: str, x: object, ndim: int, layout: str) -> torch.Tensor:
-    """Check that ``x`` is a floating-point tensor of rank ``ndim``.
+    """Check that ``x`` is a real floating-point tensor of rank ``ndim``, non-empty but the batch.
 
     Args:
         name: argument name for the message.
         x: the value to check.
         ndim: expected rank.
-        layout: human-readable layout, e.g. ``"(B, C, H, W)"``.
+        layout: human-readable layout, e.g. ``"(B, C, H, W)"``; dimension 0 is the
+            batch, which may be empty; every other dimension must be >= 1.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.is_complex()):
+    if not x.is_floating_point():  # complex tensors too: the layers are real-valued
         raise TypeError(
-            f"{name} must be a floating-point tensor, got dtype {x.dtype}; "
+            f"{name} must be a real floating-point tensor, got dtype {x.dtype}; "
             f"convert it first, e.g. x.float()"
         )
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
+    if any(n == 0 for n in x.shape[1:]):
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)} {layout}: every dimension but the batch must "
+            "be >= 1"
+        )
     return x
 
 
