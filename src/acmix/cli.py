@@ -402,7 +402,12 @@ def eval_cmd(args: argparse.Namespace) -> int:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         try:
-            data = build_data(cfg.data, cfg.aug, getattr(loaded.model, "pretrained_cfg", None))
+            data = build_data(
+                cfg.data,
+                cfg.aug,
+                getattr(loaded.model, "pretrained_cfg", None),
+                in_chans=int(loaded.data.get("in_chans", 3)),  # a grayscale model reads "L"
+            )
             if data.num_classes != getattr(loaded.model, "num_classes", data.num_classes):
                 where = f" in {cfg.data.data_dir}" if cfg.data.data_dir else ""
                 raise ConfigError(

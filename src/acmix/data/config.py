@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 from acmix.utils.config import check_config_choice, check_config_finite, check_config_range
 
-__all__ = ["DATASETS", "AugConfig", "DataConfig"]
+__all__ = ["DATASETS", "IMG_MODES", "AugConfig", "DataConfig"]
 
 #: The ``data.dataset`` values.
 DATASETS: tuple[str, ...] = ("fashion-mnist", "digits", "folder")
+
+
+IMG_MODES: tuple[str, ...] = ("RGB", "L")  # PIL modes of image folders: 3 or 1 channel
 
 
 @dataclass
@@ -42,6 +45,10 @@ class DataConfig:
             skipped and counted (with ``bad_images="skip"``).
         bad_images: ``"skip"`` (an unreadable image is replaced by the next
             readable one and reported) or ``"error"``.
+        img_mode: how image folders are read (timm's ``--input-img-mode``):
+            ``"RGB"`` (3 channels) or ``"L"`` (grayscale, 1 channel); ``None``:
+            follow the model's ``in_chans`` where one is given (``acmix eval``
+            of a 1-channel checkpoint reads grayscale), else RGB.
     """
 
     dataset: str = "fashion-mnist"
@@ -56,11 +63,14 @@ class DataConfig:
     workers: int = 0
     check_images: bool = False
     bad_images: str = "skip"
+    img_mode: str | None = None
 
     def __post_init__(self) -> None:
         check_config_finite("data", self)
         check_config_choice("data.dataset", self.dataset, DATASETS)
         check_config_choice("data.bad_images", self.bad_images, ("skip", "error"))
+        if self.img_mode is not None:
+            check_config_choice("data.img_mode", self.img_mode, IMG_MODES)
         for key in ("batch_size", "eval_batch_size"):
             check_config_range(f"data.{key}", getattr(self, key), 1)
         for key in ("img_size", "train_subset", "val_subset"):

@@ -252,7 +252,7 @@ class ImageFolder(Dataset):
 
     Class folders are sorted by name (label = rank); files with a suffix in
     :data:`IMAGE_EXTENSIONS` are the samples (others are ignored). Images are
-    loaded as RGB.
+    converted to ``mode``: ``"RGB"`` (3 channels) or ``"L"`` (grayscale).
 
     Unreadable images (``bad_images``): ``"error"`` raises :class:`DataError`
     naming the file; ``"skip"`` (default) replaces it by the next readable
@@ -268,6 +268,7 @@ class ImageFolder(Dataset):
             folders found.
         classes_from: where ``classes`` came from (the other split's folder),
             named with this one when they differ.
+        mode: the PIL mode images are converted to, ``"RGB"`` or ``"L"``.
 
     Raises:
         DataError: ``root`` is missing or not a folder, has no class folders,
@@ -281,9 +282,13 @@ class ImageFolder(Dataset):
         bad_images: str = "skip",
         classes: Sequence[str] | None = None,
         classes_from: str = "the expected classes",
+        mode: str = "RGB",
     ) -> None:
         if bad_images not in ("skip", "error"):
             raise ValueError(f"bad_images must be 'skip' or 'error', got {bad_images!r}")
+        if mode not in ("RGB", "L"):
+            raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+        self.mode = mode
         self.root = Path(root)
         self.transform = transform
         self.bad_images = bad_images
@@ -313,14 +318,17 @@ class ImageFolder(Dataset):
             self.samples += [(f, label) for f in files]
         self.targets = torch.tensor([t for _, t in self.samples], dtype=torch.long)
 
-    num_channels = 3
+    @property
+    def num_channels(self) -> int:
+        """Channels of the images returned: 3 (``"RGB"``) or 1 (``"L"``)."""
+        return 1 if self.mode == "L" else 3
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _open(self, path: str) -> Image.Image:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return im.convert(self.mode)
 
     def verify(self) -> list[str]:
         """Open every image once; drop (``"skip"``) or raise on (``"error"``) unreadable ones.

@@ -209,7 +209,10 @@ class DataBundle:
 
 
 def build_data(
-    data: DataConfig, aug: AugConfig, model_cfg: dict[str, Any] | None = None
+    data: DataConfig,
+    aug: AugConfig,
+    model_cfg: dict[str, Any] | None = None,
+    in_chans: int | None = None,
 ) -> DataBundle:
     """Load the recipe's data set and attach its transforms.
 
@@ -218,13 +221,19 @@ def build_data(
         aug: the recipe's augmentation section.
         model_cfg: the model's timm ``pretrained_cfg`` (mean, std, crop_pct,
             interpolation) for image folders; ``None``: ImageNet defaults.
+        in_chans: the input channels of the model the data is for (an existing
+            one: evaluation); image folders are then read as grayscale for 1
+            and RGB for 3 (unless ``data.img_mode`` says otherwise), and data
+            with other channels is refused naming both. ``None``: the data
+            decides (training builds the model from it).
 
     Returns:
         A :class:`DataBundle`.
 
     Raises:
         DatasetNotFoundError: Fashion-MNIST or scikit-learn missing (with the fix).
-        DataError: bad folders or files (named).
+        DataError: bad folders or files (named), or data whose channels are
+            not the model's ``in_chans``.
     """
     model_cfg = model_cfg or {}
     if data.dataset in ("fashion-mnist", "digits"):
@@ -239,7 +248,7 @@ def build_data(
             val = val.subset(data.val_subset, seed=1)
         mean, std = train.mean_std()
         img_size = data.img_size or train.image_size[0]
-        classes, in_chans = train.classes, train.num_channels
+        classes, data_chans = train.classes, train.num_channels
         train.transform = build_train_transform(aug, img_size, mean, std)
         val.transform = build_eval_transform(
             img_size, mean, std, interpolation=aug.interpolation, center_crop=False
@@ -257,18 +266,20 @@ def build_data(
         root = Path(data.data_dir)
         if not root.is_dir():
             raise DataError(f"image-folder root not found: {root}")
-        train_f = ImageFolder(root / data.train_split, bad_images=data.bad_images)
+        mode = _folder_mode(data.img_mode, in_chans)
+        train_f = ImageFolder(root / data.train_split, bad_images=data.bad_images, mode=mode)
         val_f = ImageFolder(
             root / data.val_split,
             bad_images=data.bad_images,
             classes=train_f.classes,
             classes_from=str(root / data.train_split),
+            mode=mode,
         )
         if data.check_images:
             train_f.verify()
             val_f.verify()
-        mean = tuple(model_cfg.get("mean", (0.485, 0.456, 0.406)))
-        std = tuple(model_cfg.get("std", (0.229, 0.224, 0.225)))
+        mean = _per_channel(model_cfg.get("mean", (0.485, 0.456, 0.406)), train_f.num_channels)
+        std = _per_channel(model_cfg.get("std", (0.229, 0.224, 0.225)), train_f.num_channels)
         img_size = data.img_size or int(model_cfg.get("input_size", (3, 224, 224))[-1])
         crop_pct = aug.crop_pct or float(model_cfg.get("crop_pct", 0.875))
         train_f.transform = build_train_transform(aug, img_size, mean, std)
@@ -276,7 +287,7 @@ def build_data(
             img_size, mean, std, crop_pct=crop_pct, interpolation=aug.interpolation
         )
         train, val = train_f, val_f
-        classes, in_chans, center_crop = train_f.classes, 3, True
+        classes, data_chans, center_crop = train_f.classes, train_f.num_channels, True
         train_subset = data.train_subset
         if train_subset and train_subset < len(train_f):
             g = torch.Generator().manual_seed(0)
@@ -286,6 +297,11 @@ def build_data(
             g = torch.Generator().manual_seed(1)
             idx = torch.randperm(len(val_f), generator=g)[: data.val_subset].sort().values
             val = torch.utils.data.Subset(val_f, idx.tolist())
+    if in_chans is not None and data_chans != in_chans:
+        raise DataError(
+            f"the data ({data.dataset}) has {data_chans} channel(s), the model takes {in_chans}"
+        )
+    in_chans = data_chans
     info = dict(
         dataset=data.dataset,
         classes=list(classes),
@@ -308,3 +324,29 @@ def build_data(
         classes=list(classes),
         info=info,
     )
+
+
+def _folder_mode(img_mode: str | None, in_chans: int | None) -> str:
+    """The PIL mode image folders are read in: ``data.img_mode``, else the model's channels."""
+    if img_mode is None:
+        if in_chans not in (None, 1, 3):
+            raise DataError(
+                f"image folders are read as RGB (3 channels) or grayscale (1); "
+                f"the model takes {in_chans} channels"
+            )
+        return "L" if in_chans == 1 else "RGB"
+    want = 1 if img_mode == "L" else 3
+    if in_chans is not None and in_chans != want:
+        raise DataError(
+            f"data.img_mode={img_mode} reads {want} channel(s), the model takes {in_chans}; "
+            f"use data.img_mode={'L' if in_chans == 1 else 'RGB'} (or leave it unset)"
+        )
+    return img_mode
+
+
+def _per_channel(values: Any, channels: int) -> tuple[float, ...]:
+    """A normalisation mean / std for ``channels``: an RGB triple averaged for grayscale."""
+    values = tuple(float(v) for v in values)
+    if channels == 1 and len(values) == 3:
+        return (sum(values) / 3,)
+    return values
