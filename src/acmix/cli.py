@@ -57,17 +57,27 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """An ``argparse`` type: a finite number > 0."""
+def _finite_float(text: str, allow_zero: bool) -> float:
     import math
 
+    bound = ">= 0" if allow_zero else "> 0"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+    if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """An ``argparse`` type: a finite number > 0."""
+    return _finite_float(text, allow_zero=False)
+
+
+def nonnegative_float(text: str) -> float:
+    """An ``argparse`` type: a finite number >= 0."""
+    return _finite_float(text, allow_zero=True)
 
 
 def add_model_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -545,7 +555,10 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
         "--models", action="store_true", help="also time acmix_resnet50 and ACmix Swin-T (minutes)"
     )
     p.add_argument(
-        "--min-time", type=positive_float, default=0.5, help="seconds per layer measurement"
+        "--min-time",
+        type=nonnegative_float,
+        default=0.5,
+        help="seconds per layer measurement (0: the minimum repetitions)",
     )
     p.add_argument(
         "--malloc",
