@@ -527,6 +527,15 @@ class _Trainer:
             f"{info.world_size} process(es) on {info.device}, global batch {cfg.data.batch_size}, "
             f"{self.steps_per_epoch} steps/epoch, peak lr {self.peak:g}"
         )
+        if cfg.model.compile and info.is_main:
+            # Said before it happens: torch.compile prints nothing while it works.
+            print(
+                "acmix: model.compile=true: the first training step (and the first evaluation) "
+                "compile the model first, with no output meanwhile: usually 1-10 min on a CPU "
+                "(longer for the large backbones), less on a GPU; later steps are fast",
+                file=sys.stderr,
+                flush=True,
+            )
         result = TrainResult(output=self.out)
         images, train_time = 0, 0.0
         with _StopFlag() as flag, contextlib.closing(self.metrics):
