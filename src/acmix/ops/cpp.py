@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from acmix.ops.common import out_size, refuse_double_backward
+from acmix.utils.io import atomic_write_bytes
 
 __all__ = ["kernel", "kernel_built", "unavailable"]
 
@@ -76,6 +77,24 @@ def build_name(name: str) -> str:
     return f"acmix_{name}_{h.hexdigest()[:16]}"
 
 
+def _stable_source(name: str, build: str, build_dir: Path) -> Path:
+    """The kernel's source at a path fixed by its build name (``<build dir>/<build>.cpp``).
+
+    torch's builder writes the source *path* into its ninja file, so two
+    checkouts compiling the same source from their own trees rewrite each
+    other's build and recompile it on every import. The build name already
+    hashes the source, so one copy per name serves every checkout and version
+    with that source: identical sources share one build, different ones never
+    touch it.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    src = build_dir / f"{build}.cpp"
+    data = (_CSRC / _SOURCES[name]).read_bytes()
+    if not src.is_file() or src.read_bytes() != data:
+        atomic_write_bytes(src, data)
+    return src
+
+
 def _disabled() -> bool:
     return os.environ.get("ACMIX_NO_CPP", "") not in ("", "0")
 
@@ -104,7 +123,8 @@ def kernel(name: str) -> ModuleType | None:
         from torch.utils.cpp_extension import _get_build_directory, load
 
         build = build_name(name)
-        fresh = not (Path(_get_build_directory(build, False)) / f"{build}.so").exists()
+        build_dir = Path(_get_build_directory(build, False))
+        fresh = not (build_dir / f"{build}.so").exists()
         if fresh:
             print(
                 f"acmix: building the C++ kernel {name!r} ({build}), once per kernel version "
@@ -116,7 +136,7 @@ def kernel(name: str) -> ModuleType | None:
         start = time.perf_counter()
         module = load(
             name=build,
-            sources=[str(_CSRC / _SOURCES[name])],
+            sources=[str(_stable_source(name, build, build_dir))],
             extra_cflags=_CFLAGS,
             extra_ldflags=_LDFLAGS,
             verbose=os.environ.get("ACMIX_VERBOSE_BUILD", "") not in ("", "0"),
