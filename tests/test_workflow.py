@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 import acmix.engine
-from acmix.cli import main, parse_model_args
+from acmix.cli import build_parser, main, parse_model_args
 from acmix.engine import load_config
 from acmix.utils.recipes import copy_recipe, find_recipe, list_recipes, packaged_recipe_dir
 from tests.data_util import make_fake_fmnist
@@ -160,3 +161,44 @@ def test_wheel_trains_a_packaged_recipe_outside_the_checkout(tmp_path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert (work / "runs" / "fmnist_tiny_quick" / "checkpoints").is_dir()
     assert "recipe not found" not in run.stderr
+
+
+# -- the smaller items: list-models, flops order, help texts ----------------------------------
+
+
+def test_list_models_pattern_lists_only_acmix_models(capsys) -> None:
+    assert main(["list-models", "*swin*"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names and all(n.startswith("acmix_") for n in names)
+    assert main(["list-models", "*swin*", "--all"]) == 0
+    assert "swin_tiny_patch4_window7_224" in capsys.readouterr().out.split()
+
+
+def test_flops_per_layer_lists_a_parent_before_its_children(capsys) -> None:
+    argv = ["flops", "acmix_resnet26", "--img-size", "32", "--per-layer"]
+    assert main(argv) == 0
+    rows = [line.split(" | ")[0].strip("| ") for line in capsys.readouterr().out.splitlines()]
+    rows = [r for r in rows if r.startswith("layer")]
+    assert rows.index("layer2") < rows.index("layer2.0") < rows.index("layer3")
+
+
+def _actions(parser: argparse.ArgumentParser, prog: str):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{prog} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield prog, action
+
+
+def test_every_option_has_help_text_and_eval_help_names_no_training_keys(capsys) -> None:
+    missing = [
+        f"{prog} {'/'.join(a.option_strings) or a.dest}"
+        for prog, a in _actions(build_parser(), "acmix")
+        if not a.help
+    ]
+    assert missing == []
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = capsys.readouterr().out
+    assert "optim.lr=" not in text and "data.eval_batch_size=" in text

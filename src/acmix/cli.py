@@ -147,15 +147,22 @@ def _is_override(token: str) -> bool:
 
 
 def _configure_list_models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pattern", nargs="?", default="acmix_*", help="glob over model names")
+    p.add_argument(
+        "pattern", nargs="?", default="*", help="glob over model names, e.g. '*swin*' (default *)"
+    )
+    p.add_argument(
+        "--all", action="store_true", help="match every timm model, not only the ACmix ones"
+    )
 
 
 @command("list-models", "list the registered ACmix models")(_configure_list_models)
 def list_models(args: argparse.Namespace) -> int:
     import timm
 
+    ours = set(timm.list_models("acmix_*"))
     for name in timm.list_models(args.pattern):
-        print(name)
+        if args.all or name in ours:
+            print(name)
     return 0
 
 
@@ -224,7 +231,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str | tuple[str, object]]:
     return out
 
 
-def _add_common_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_common_train_flags(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--model", help="timm model name (model.name), see `acmix list-models`")
     p.add_argument(
         "--dataset",
@@ -244,7 +251,7 @@ def _add_common_train_flags(p: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="SECTION.KEY=VALUE",
-        help="config overrides, e.g. optim.lr=0.05 model.kwargs.mixer=conv",
+        help=f"config overrides, anywhere on the line, e.g. {example}",
     )
 
 
@@ -271,7 +278,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="optim.lr")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--output", "-o", help="train.output: the run directory")
-    _add_common_train_flags(p)
+    _add_common_train_flags(p, "optim.lr=0.05 model.kwargs.mixer=conv")
 
 
 def _report_error(prog: str, e: BaseException) -> int:
@@ -378,7 +385,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    _add_common_train_flags(p)
+    _add_common_train_flags(p, "data.eval_batch_size=256 data.val_subset=1000")
 
 
 @command("eval", "evaluate a checkpoint on the validation / test split")(_configure_eval)
@@ -545,8 +552,10 @@ def export_cmd(args: argparse.Namespace) -> int:
 
 
 def _configure_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--device", default="cpu", help="torch device to time on (default cpu)")
+    p.add_argument(
+        "--batch", type=positive_int, default=8, help="batch size of every measurement (default 8)"
+    )
     p.add_argument(
         "--threads", type=positive_int, default=None, help="torch threads (default: all)"
     )
@@ -665,7 +674,7 @@ def flops(args: argparse.Namespace) -> int:
             f"acmix flops: unknown model {args.model!r}; see `acmix list-models`", file=sys.stderr
         )
         return 2
-    _, params, report = count_model(args.model, args.img_size)
+    model, params, report = count_model(args.model, args.img_size)
     print(f"{args.model} at {args.img_size}×{args.img_size}:")
     print(f"  params  {params:,}")
     line = f"  MACs    {report.total / 1e9:.3f} G"
@@ -676,7 +685,10 @@ def flops(args: argparse.Namespace) -> int:
     print(line)
     if args.per_layer:
         print("\n| module | GMACs | share |\n|---|---|---|")
-        for name, macs in report.by_module.items():
+        order = [name for name, _ in model.named_modules()]  # a parent before its children
+        rank = {name: i for i, name in enumerate(order)}
+        rows = sorted(report.by_module.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        for name, macs in rows:
             if name and name.count(".") < args.depth and macs:
                 print(f"| {name} | {macs / 1e9:.4f} | {100 * macs / report.total:.1f}% |")
     return 0
@@ -694,11 +706,25 @@ def _configure_analyze(p: argparse.ArgumentParser) -> None:
         "counted) for C = 64..512 at 56²..7², as markdown, CSV and a PNG plot; or, with "
         "--in/--out, ACmix vs the k×k conv it replaces.",
     )
-    c.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256, 512])
-    c.add_argument("--sizes", type=int, nargs="+", default=[56, 28, 14, 7])
+    c.add_argument(
+        "--channels",
+        type=positive_int,
+        nargs="+",
+        default=[64, 128, 256, 512],
+        help="channel counts C, the table's rows (default 64 128 256 512)",
+    )
+    c.add_argument(
+        "--sizes",
+        type=positive_int,
+        nargs="+",
+        default=[56, 28, 14, 7],
+        help="square map sizes H = W, the table's columns (default 56 28 14 7)",
+    )
     c.add_argument("--num-heads", type=int, default=4, help="attention heads N")
-    c.add_argument("--kernel-att", type=int, default=7)
-    c.add_argument("--kernel-conv", type=int, default=3)
+    c.add_argument("--kernel-att", type=int, default=7, help="attention window k_att (default 7)")
+    c.add_argument(
+        "--kernel-conv", type=int, default=3, help="convolution kernel k_conv (default 3)"
+    )
     c.add_argument("--time", action="store_true", help="also time each stage on this machine")
     c.add_argument("--out-dir", type=Path, default=None, help="write cost.md, cost.csv, cost.png")
     c.add_argument("--in", dest="in_planes", type=int, default=None, help="compare: C_in")
@@ -763,7 +789,12 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registered model name: also measure |α·F_att| vs |β·F_conv|")
     add_model_arg(p, "for --model")
     p.add_argument("--images", type=Path, nargs="*", default=[], help="image files or folders")
-    p.add_argument("--img-size", type=positive_int, default=224)
+    p.add_argument(
+        "--img-size",
+        type=positive_int,
+        default=224,
+        help="side the --images are resized to (default 224)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="write the α/β-by-depth PNG here")
 
 
