@@ -202,3 +202,20 @@ def test_every_option_has_help_text_and_eval_help_names_no_training_keys(capsys)
         main(["eval", "--help"])
     text = capsys.readouterr().out
     assert "optim.lr=" not in text and "data.eval_batch_size=" in text
+
+
+def test_demo_on_sigterm_exits_cleanly_without_a_resume_hint(tmp_path, monkeypatch, capsys) -> None:
+    from acmix import demo_train
+
+    def stopped_train(cfg, log=print):
+        log("stopped (SIGTERM) at step 3; resume with --resume somewhere/checkpoints")
+        return SimpleNamespace(stopped="SIGTERM", val={}, checkpoint=None)
+
+    monkeypatch.setattr(demo_train, "train", stopped_train)
+    data = make_fake_fmnist(tmp_path / "d", n_train=16, n_test=10)
+    argv = ["--data-dir", str(data), "--train-images", "16", "-o", str(tmp_path / "out")]
+    assert demo_train.main([*argv, "--threads", "1", "--quiet"]) == 128 + 15
+    captured = capsys.readouterr()
+    assert "stopped (SIGTERM) at step 3" in captured.out
+    assert "resume with" not in captured.out
+    assert "has no --resume: run it again" in captured.err

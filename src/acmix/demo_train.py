@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,11 @@ def _check_data(dataset: str, data_dir: str | None) -> None:
         load_digits("test")
 
 
+def _demo_log(msg: str) -> None:
+    """The trainer's log lines, without the ``--resume`` hint this command has no flag for."""
+    print(msg.split("; resume with --resume")[0] if msg.startswith("stopped (") else msg)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     p = argparse.ArgumentParser(
@@ -175,8 +181,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
         print(f"\n== {mixer}: {MIXER_LABELS[mixer]} ==", flush=True)
         t0 = time.perf_counter()
-        res = train(cfg, log=print)
+        res = train(cfg, log=_demo_log)
         wall = time.perf_counter() - t0
+        if res.stopped in ("SIGINT", "SIGTERM"):
+            print(
+                f"demo stopped ({res.stopped}) during the {mixer} run, its checkpoint saved in "
+                f"{out / mixer / 'checkpoints'}; the demo has no --resume: run it again to "
+                "start over",
+                file=sys.stderr,
+            )
+            return 128 + int(getattr(signal, res.stopped))
         model = res.model.eval()
         side = cfg.data.img_size or (8 if args.dataset == "digits" else 28)
         macs = count_macs(model, (1, 1, side, side)).total
