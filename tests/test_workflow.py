@@ -219,3 +219,14 @@ def test_demo_on_sigterm_exits_cleanly_without_a_resume_hint(tmp_path, monkeypat
     assert "stopped (SIGTERM) at step 3" in captured.out
     assert "resume with" not in captured.out
     assert "has no --resume: run it again" in captured.err
+
+
+def test_no_progress_bar_redraws_in_a_non_tty_log(tmp_path, capsys) -> None:
+    data = make_fake_fmnist(tmp_path / "d", n_train=32, n_test=10)
+    argv = ["train", "-c", "fmnist_tiny", "--data-dir", str(data), "-o", str(tmp_path / "run")]
+    tiny = ["model.kwargs={stem_stride: 2, widths: [8, 8, 8, 8], depths: [1, 1, 1, 1]}"]
+    flags = ["data.batch_size=16", "train.threads=1", "train.tensorboard=false"]
+    assert main([*argv, *tiny, *flags, "train.plots=false", "train.log_every=1"]) == 0
+    captured = capsys.readouterr()  # pytest's capture is not a terminal
+    assert "\r" not in captured.err + captured.out
+    assert "epoch 1 step 1/2" in captured.out

@@ -175,7 +175,8 @@ class TrainConfig:
             schedule; a later ``--resume`` continues (time-boxed jobs).
         tensorboard: write TensorBoard events (needs the ``tensorboard`` package).
         plots: write PNG plots at the end (needs ``matplotlib``).
-        progress: a progress bar (otherwise a log line every ``log_every`` steps).
+        progress: a progress bar on a terminal (otherwise, and when stderr is
+            not a terminal, a log line every ``log_every`` steps).
     """
 
     epochs: int = 10

@@ -264,6 +264,14 @@ def _run_lock(out: Path, info: DistInfo, log: Callable[[str], None]) -> Any:
         yield
 
 
+def _isatty(stream: Any) -> bool:
+    """Whether ``stream`` is an interactive terminal (``False`` for files, pipes, captures)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 class _Trainer:
     def __init__(
         self, cfg: Config, info: DistInfo, resume: str | None, log: Callable[[str], None]
@@ -610,7 +618,9 @@ class _Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.float64, device=dev)
         count = 0
-        show_bar = info.is_main and cfg.train.progress
+        # A bar only on a terminal: in a log file its \r redraws are noise; plain lines
+        # every log_every steps there instead.
+        show_bar = info.is_main and cfg.train.progress and _isatty(sys.stderr)
         bar = None
         if show_bar:
             from tqdm import tqdm
