@@ -244,6 +244,10 @@ def plot_cost(rows: list[CostRow], path: str | Path) -> Path:
     sizes = sorted({r.size for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 4), squeeze=False)
     modules = list(dict.fromkeys(r.module for r in rows))
+    # Curves can coincide (tensor shift and a fixed kernel cost the same): each module gets
+    # its own marker, drawn smaller than the one before, so a curve under another shows.
+    markers = ["o", "^", "v", "D", "x", "P", "*"]
+    style = {m: (markers[i % len(markers)], 9 - 1.2 * i) for i, m in enumerate(modules)}
     for ax, H in zip(axes[0], sizes, strict=True):
         sel = [r for r in rows if r.size == H]
         chans = sorted({r.channels for r in sel})
@@ -258,8 +262,14 @@ def plot_cost(rows: list[CostRow], path: str | Path) -> Path:
                     marker="s",
                     label=f"stage I: {label}",
                 )
+            marker, size = style[mod]
             ax.plot(
-                chans, [pts[c].stage2_macs for c in chans], marker="o", label=f"stage II: {mod}"
+                chans,
+                [pts[c].stage2_macs for c in chans],
+                marker=marker,
+                markersize=max(size, 3),
+                markerfacecolor="none",
+                label=f"stage II: {mod}",
             )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -268,9 +278,10 @@ def plot_cost(rows: list[CostRow], path: str | Path) -> Path:
         ax.set_xlabel("channels C")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("multiply-adds per image")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.suptitle("Stage I (1×1 projections, ∝ C²) vs stage II (aggregation, ∝ C)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))  # room below the panels: the legend covers no data
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
     return save_figure(fig, path)
 
 

@@ -190,7 +190,10 @@ def plot_rates(rows: list[LayerRates], path: str | Path, title: str = "") -> Pat
     axes[0].plot(depth, [r.beta for r in rows], marker="s", label="β (convolution)")
     axes[0].set_xlabel("ACmix layer (depth)")
     axes[0].set_ylabel("learned scale")
-    axes[0].legend()
+    values = [v for r in rows for v in (r.alpha, r.beta)]
+    lo, hi = min(values), max(values)
+    axes[0].set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.35 * (hi - lo + 1e-9))  # legend room
+    axes[0].legend(loc="upper center", ncol=2, fontsize=8)
     axes[0].grid(alpha=0.3)
     if measured:
         share = [
@@ -204,6 +207,9 @@ def plot_rates(rows: list[LayerRates], path: str | Path, title: str = "") -> Pat
         axes[1].set_xlabel("ACmix layer (depth)")
         axes[1].set_ylabel("attention share of |output|")
         axes[1].grid(alpha=0.3)
+    names = [r.layer for r in rows]
+    for ax in axes:  # one integer tick per layer, named by its module
+        ax.set_xticks(depth, names, rotation=60, ha="right", fontsize=6 if len(rows) > 12 else 7)
     fig.suptitle(title or "ACmix α / β by depth")
     fig.tight_layout()
     return save_figure(fig, path)

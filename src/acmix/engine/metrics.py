@@ -212,8 +212,7 @@ def plot_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLike) 
             list(finals), list(finals.values()), color=["C0", "C1", "C2", "C3"][: len(finals)]
         )
         ax2.bar_label(bars, fmt="%.2f")
-        lo = min(finals.values())
-        ax2.set_ylim(max(0.0, lo - 10), 100)
+        ax2.set_ylim(0, 100)  # from 0: a cut axis exaggerates the gaps between runs
         ax2.set(ylabel="top-1 (%)", title="validation / test accuracy")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -239,23 +238,59 @@ def plot_alpha_beta(csv_path: str | os.PathLike, path: str | os.PathLike) -> Pat
     final = {
         r["layer"]: (float(r["alpha"]), float(r["beta"])) for r in rows if int(r["step"]) == last
     }
+    stages = [_stage_of(k) for k in layers]
+    stage_names = list(dict.fromkeys(stages))
+    colour = {st: f"C{i % 10}" for i, st in enumerate(stage_names)}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = range(len(layers))
-    ax1.bar([i - 0.2 for i in x], [final[k][0] for k in layers], 0.4, label="α (attention)")
-    ax1.bar([i + 0.2 for i in x], [final[k][1] for k in layers], 0.4, label="β (convolution)")
-    ax1.set_xticks(list(x), layers, rotation=45, ha="right", fontsize=7)
+    alphas, betas = [final[k][0] for k in layers], [final[k][1] for k in layers]
+    ax1.bar([i - 0.2 for i in x], alphas, 0.4, color="C0", label="α (attention)")
+    ax1.bar([i + 0.2 for i in x], betas, 0.4, color="C1", label="β (convolution)")
+    # One tick per layer (its index within the stage); the stage names below the ticks.
+    within = [stages[:i].count(st) for i, st in enumerate(stages)]
+    ax1.set_xticks(list(x), [str(w) for w in within], fontsize=7)
+    for st in stage_names:
+        idx = [i for i, s in enumerate(stages) if s == st]
+        ax1.annotate(
+            st,
+            ((idx[0] + idx[-1]) / 2, 0),
+            xytext=(0, -22),
+            xycoords=("data", "axes fraction"),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
+        if idx[0]:
+            ax1.axvline(idx[0] - 0.5, color="grey", linewidth=0.6)
     ax1.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    ax1.set(ylabel="value", title=f"α, β per ACmix layer (step {last}; init 0.5)")
-    ax1.legend()
-    for k in layers:
+    top = max([*alphas, *betas, 0.5])
+    ax1.set_ylim(min(0.0, *alphas, *betas), top * 1.3)  # headroom: the legend above the bars
+    ax1.set(ylabel="value", title=f"α, β per ACmix layer by stage (step {last}; init 0.5)")
+    ax1.legend(loc="upper center", ncol=2, fontsize=8)
+    for k, st in zip(layers, stages, strict=True):
         pts = sorted(
             (int(r["step"]), float(r["alpha"]), float(r["beta"])) for r in rows if r["layer"] == k
         )
         steps, a, b = zip(*pts, strict=True)
-        (line,) = ax2.plot(steps, a, label=k)
-        ax2.plot(steps, b, linestyle="--", color=line.get_color())
+        first = k == layers[stages.index(st)]
+        ax2.plot(steps, a, color=colour[st], linewidth=1, label=st if first else None)
+        ax2.plot(steps, b, linestyle="--", color=colour[st], linewidth=1)
     ax2.set(xlabel="step", ylabel="value", title="α (solid) and β (dashed) during training")
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=6)
+    ax2.legend(
+        fontsize=7, title="stage", title_fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5)
+    )
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def _stage_of(layer: str) -> str:
+    """The stage of an ACmix layer's module name: ``layer2.0.conv2`` -> ``layer2``.
+
+    ``stages.1.blocks.0.attn`` -> ``stages.1``; a name with neither a
+    ``layer<k>`` nor a ``<name>.<k>`` prefix is its own stage.
+    """
+    parts = layer.split(".")
+    if parts[0].startswith("layer") or len(parts) < 2 or not parts[1].isdigit():
+        return parts[0]
+    return ".".join(parts[:2])
