@@ -230,3 +230,19 @@ def test_no_progress_bar_redraws_in_a_non_tty_log(tmp_path, capsys) -> None:
     captured = capsys.readouterr()  # pytest's capture is not a terminal
     assert "\r" not in captured.err + captured.out
     assert "epoch 1 step 1/2" in captured.out
+
+
+def test_imagenet_recipes_size_their_loader_workers_to_the_machine(monkeypatch) -> None:
+    from acmix.data.loader import auto_workers
+
+    for name in ("imagenet_resnet", "imagenet_swin_tiny", "imagenet_swin_small"):
+        assert load_config(name).data.workers is None  # no machine-specific count
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert auto_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert auto_workers() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert auto_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert auto_workers() == 0

@@ -40,7 +40,9 @@ class DataConfig:
         val_subset: use this many validation images (``None``: all).
         batch_size: global batch (all processes together).
         eval_batch_size: global evaluation batch.
-        workers: data-loader worker processes per training process.
+        workers: data-loader worker processes per training process; ``None``:
+            this machine's share, ``min(8, CPUs // local processes - 1)`` (what
+            the ImageNet recipes use, so they fit the machine they run on).
         check_images: open every image once at start; unreadable ones are
             skipped and counted (with ``bad_images="skip"``).
         bad_images: ``"skip"`` (an unreadable image is replaced by the next
@@ -60,7 +62,7 @@ class DataConfig:
     val_subset: int | None = None
     batch_size: int = 128
     eval_batch_size: int = 500
-    workers: int = 0
+    workers: int | None = 0
     check_images: bool = False
     bad_images: str = "skip"
     img_mode: str | None = None
@@ -76,7 +78,8 @@ class DataConfig:
         for key in ("img_size", "train_subset", "val_subset"):
             if getattr(self, key) is not None:
                 check_config_range(f"data.{key}", getattr(self, key), 1)
-        check_config_range("data.workers", self.workers, 0)
+        if self.workers is not None:
+            check_config_range("data.workers", self.workers, 0)
 
 
 @dataclass

@@ -37,6 +37,7 @@ __all__ = [
     "EvalBatchSampler",
     "SeededDataset",
     "TrainBatchSampler",
+    "auto_workers",
     "build_data",
     "sample_seed",
 ]
@@ -188,8 +189,14 @@ class DataBundle:
     classes: list[str]
     info: dict[str, Any] = field(default_factory=dict)
 
-    def train_loader(self, sampler: TrainBatchSampler, workers: int, seed: int) -> DataLoader:
-        """A loader over ``sampler``'s batches of ``(images, labels)``."""
+    def train_loader(
+        self, sampler: TrainBatchSampler, workers: int | None, seed: int
+    ) -> DataLoader:
+        """A loader over ``sampler``'s batches of ``(images, labels)``.
+
+        ``workers``: loader processes, ``None`` for :func:`auto_workers`.
+        """
+        workers = auto_workers() if workers is None else workers
         return DataLoader(
             SeededDataset(self.train, seed),
             batch_sampler=sampler,
@@ -198,14 +205,35 @@ class DataBundle:
             persistent_workers=False,
         )
 
-    def val_loader(self, batch_size: int, rank: int, world_size: int, workers: int) -> DataLoader:
+    def val_loader(
+        self, batch_size: int, rank: int, world_size: int, workers: int | None
+    ) -> DataLoader:
         """This process's shard of the validation set (every sample exactly once overall)."""
+        workers = auto_workers() if workers is None else workers
         return DataLoader(
             SeededDataset(self.val, 0),
             batch_sampler=EvalBatchSampler(len(self.val), batch_size, rank, world_size),  # type: ignore[arg-type]
             num_workers=workers,
             worker_init_fn=_ignore_sigint if workers else None,
         )
+
+
+def auto_workers(cap: int = 8) -> int:
+    """Loader workers for ``data.workers: null``: this process's share of the CPUs.
+
+    ``min(cap, CPUs available // local processes - 1)``, at least 0 (the
+    main process loads); the local processes come from torchrun's
+    ``LOCAL_WORLD_SIZE`` (1 without it). Data order and augmentation do not
+    depend on the number of workers, so runs stay reproducible.
+    """
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(cap, cpus // local - 1))
 
 
 def build_data(
