@@ -509,8 +509,9 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dynamic-hw",
         action="store_true",
-        help="also make height / width dynamic (checked at a second, larger size; valid "
-        "for inputs not smaller than the traced size)",
+        help="also make height / width dynamic: valid for inputs not smaller than the "
+        "traced size (checked at a second, larger size); refused, naming the size to "
+        "use, where some attention map is too small to reflect at the traced size",
     )
     p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")

@@ -14,6 +14,7 @@ from torch import nn
 
 from acmix.data.transforms import build_eval_transform
 from acmix.engine.checkpoint import CheckpointError, load_checkpoint
+from acmix.utils.checks import record_masked_maps
 
 __all__ = ["ExportReport", "LoadedModel", "export_onnx", "load_model", "predict_images"]
 
@@ -197,10 +198,15 @@ def export_onnx(
     ``dynamic_hw``.
 
     With dynamic H x W the graph keeps the data-independent choices the model
-    made at the traced size: ACmix's ``padding_mode="auto"`` picks reflection
-    or masked zero padding per feature-map size, so the graph is valid for
-    sizes whose maps make the same choices (in practice: not smaller than the
-    traced size). Trace at the size you deploy.
+    made at the traced size. ACmix's ``padding_mode="auto"`` picks masked zero
+    padding for maps of at most ``kernel_att // 2`` pixels and reflection
+    otherwise, so a traced size at which some map is masked would give a graph
+    that is wrong at larger inputs, where the model reflects: such an export
+    is refused, naming the smallest traced size at which every map reflects.
+    At and above that size the choices are the same at every input size, so
+    the graph is valid for every input not smaller than the traced one (other
+    size-dependent branches, e.g. Swin's padding to whole windows, are caught
+    by the check at the second size).
 
     Args:
         model: the network (put in eval mode).
@@ -214,7 +220,10 @@ def export_onnx(
 
     Raises:
         ImportError: ``onnx`` / ``onnxruntime`` missing (the message says how to install).
-        RuntimeError: onnxruntime disagrees with PyTorch (shape and error named).
+        ValueError: ``dynamic_hw`` at a traced size where some map is masked (the
+            smallest valid traced size is named).
+        RuntimeError: onnxruntime disagrees with PyTorch, or returns NaN / inf
+            (shape and error named).
     """
     try:
         import onnx  # noqa: F401
@@ -224,6 +233,8 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     C, H, W = input_size
+    if dynamic_hw:
+        _check_dynamic_trace_size(model, C, H, W)
     x = torch.randn(2, C, H, W)
     axes: dict[str, dict[int, str]] = {"input": {0: "batch"}, "logits": {0: "batch"}}
     if dynamic_hw:
@@ -265,9 +276,11 @@ def export_onnx(
                 raise RuntimeError(
                     f"ONNX output {tuple(got.shape)} != torch {tuple(ref.shape)} at {shape}"
                 )
+            if not bool(torch.isfinite(got).all()) and bool(torch.isfinite(ref).all()):
+                raise RuntimeError(f"onnxruntime returned NaN / inf at input {shape}")
             err = float((got - ref).abs().max())
             checks.append((shape, err))
-            if err > atol * (1 + float(ref.abs().max())):
+            if not err <= atol * (1 + float(ref.abs().max())):  # a NaN never passes
                 hint = (
                     " (the trace fixed the spatial size: export without dynamic H x W)"
                     if shape[2] != H
@@ -277,3 +290,33 @@ def export_onnx(
                     f"ONNX and PyTorch differ at input {shape}: max |diff| {err:.3g}{hint}"
                 )
     return ExportReport(path, checks, dynamic_hw)
+
+
+def _check_dynamic_trace_size(model: nn.Module, C: int, H: int, W: int) -> None:
+    """Refuse a dynamic-size trace at which ``"auto"`` padding masks some map."""
+
+    def masked(h: int, w: int) -> list[tuple[int, int, int]]:
+        with record_masked_maps() as found:
+            model(torch.zeros(1, C, h, w))
+        return found
+
+    found = masked(H, W)
+    if not found:
+        return
+    scale = 2
+    while scale <= 64 and masked(H * scale, W * scale):
+        scale *= 2
+    lo, hi = H * scale // 2, H * scale  # masked at lo, none at hi (or give up)
+    while hi - lo > 1 and scale <= 64:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if masked(mid, -(-mid * W // H)) else (lo, mid)
+    k, h, w = min(found, key=lambda f: f[1] * f[2])
+    need = f"trace at {hi}x{-(-hi * W // H)} or larger" if scale <= 64 else "trace larger"
+    raise ValueError(
+        f"dynamic height / width from a {H}x{W} trace would be wrong at larger inputs: at "
+        f"{H}x{W}, {len(found)} attention map(s) are too small for reflection padding "
+        f"(the smallest {h}x{w}, window {k}x{k}), so padding_mode='auto' masks them, and "
+        "the graph would keep masking where the model reflects. "
+        f"{need.capitalize()} (the smallest size at which every map reflects), or export "
+        "without dynamic height / width"
+    )

@@ -71,6 +71,20 @@ def conv2d_as_shift_sum(
     return out
 
 
+def _traceable_linspace(
+    n: int, dtype: torch.dtype | None, device: torch.device | str | None
+) -> torch.Tensor:
+    """``linspace(-1, 1, n)`` from tensor ops only, finite for ``n = 1`` (``[-1]``).
+
+    The ONNX export of ``torch.linspace`` computes its step as ``2 / (n - 1)``:
+    infinite for a 1-pixel map, and ``0 * inf`` makes the whole output NaN
+    (seen on ``acmix_tiny`` exported at 8x8). Here the divisor is the last index
+    clamped to 1, a graph op, so a dynamic-size export stays valid at every size.
+    """
+    idx = torch.arange(n, dtype=dtype, device=device)
+    return idx * 2.0 / idx[-1:].clamp(min=1.0) - 1.0
+
+
 def position_grid(
     height: int,
     width: int,
@@ -87,8 +101,12 @@ def position_grid(
     Returns:
         ``(1, 2, H, W)``.
     """
-    xs = torch.linspace(-1.0, 1.0, width, dtype=dtype, device=device)
-    ys = torch.linspace(-1.0, 1.0, height, dtype=dtype, device=device)
+    if torch.jit.is_tracing():  # TorchScript / ONNX export, possibly with dynamic H x W
+        xs = _traceable_linspace(width, dtype, device)
+        ys = _traceable_linspace(height, dtype, device)
+    else:
+        xs = torch.linspace(-1.0, 1.0, width, dtype=dtype, device=device)
+        ys = torch.linspace(-1.0, 1.0, height, dtype=dtype, device=device)
     grid_x = xs.view(1, width).expand(height, width)
     grid_y = ys.view(height, 1).expand(height, width)
     return torch.stack((grid_x, grid_y), dim=0).unsqueeze(0)

@@ -7,6 +7,8 @@ value, and what was expected instead.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -97,16 +99,42 @@ def check_channels(name: str, got: int, expected: int, layout: str) -> None:
         )
 
 
+_MASKED_MAPS: list[list[tuple[int, int, int]]] = []
+
+
+@contextlib.contextmanager
+def record_masked_maps() -> Iterator[list[tuple[int, int, int]]]:
+    """Collect ``(kernel, height, width)`` of every map ``"auto"`` pads with masked zeros.
+
+    A trace (``torch.jit.trace``, ONNX export) keeps the choice made at the
+    traced size, so a graph with dynamic height and width is exact only where
+    no map switches between masked and reflection padding; the exporter uses
+    this to find the smallest traced size for which that holds.
+
+    Yields:
+        The list the choices made inside the block are appended to.
+    """
+    found: list[tuple[int, int, int]] = []
+    _MASKED_MAPS.append(found)
+    try:
+        yield found
+    finally:
+        _MASKED_MAPS.remove(found)
+
+
 def resolve_padding(mode: str, kernel: int, height: int, width: int) -> str:
     """Decide the effective padding for a map of ``height`` x ``width``.
 
     Reflection padding by ``kernel // 2`` needs ``kernel // 2 < height`` and
     ``< width``. ``"reflect"`` raises when that does not hold, ``"auto"``
-    falls back to ``"zeros"`` (masked) for such small maps only.
+    falls back to ``"zeros"`` (masked) for such small maps only (recorded by
+    :func:`record_masked_maps`).
     """
     pad = kernel // 2
     fits = pad < height and pad < width
     if mode == "auto":
+        if not fits and _MASKED_MAPS:
+            _MASKED_MAPS[-1].append((kernel, height, width))
         return "reflect" if fits else "zeros"
     if mode == "reflect" and not fits:
         raise ValueError(
