@@ -51,7 +51,7 @@ def test_window_acmix_traces_with_and_without_a_mask() -> None:
     torch.testing.assert_close(gm(x), layer(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["acmix_resnet26", "acmix_tiny"])
+@pytest.mark.parametrize("name", ["acmix_resnet26", "acmix_san10", "acmix_tiny"])
 def test_timm_fx_features_equal_the_default_features(name: str) -> None:
     x = torch.randn(1, 3, 64, 64)
     torch.manual_seed(0)
@@ -70,10 +70,13 @@ def test_torchvision_feature_extractor_equals_forward() -> None:
     model = timm.create_model("acmix_resnet26", num_classes=5).eval()
     nodes = get_graph_node_names(model)[1]
     extractor = create_feature_extractor(model, return_nodes={"layer3": "c4", nodes[-1]: "out"})
+    san = timm.create_model("acmix_san10", num_classes=5).eval()
+    san_out = create_feature_extractor(san, return_nodes=[get_graph_node_names(san)[1][-1]])
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         feats = extractor(x)
         torch.testing.assert_close(feats["out"], model(x), rtol=0, atol=0)
+        torch.testing.assert_close(next(iter(san_out(x).values())), san(x), rtol=0, atol=0)
         torch.testing.assert_close(
             feats["c4"], model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
         )

@@ -21,6 +21,8 @@ from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from acmix.layers.acmix import is_fx_tracing
+
 __all__ = [
     "MIX_WEIGHT_SUFFIXES",
     "build_model",
@@ -55,7 +57,13 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, why: str) -
         in_chans: expected channels.
         min_size: smallest H and W the network accepts.
         why: the reason for ``min_size``, for the message.
+
+    Under a ``torch.fx`` symbolic trace the shape is symbolic and the check
+    is skipped (a traced graph runs it at no point; the layers' own checks
+    run inside their single traced call).
     """
+    if is_fx_tracing():
+        return
     if x.dim() != 4 or x.shape[1] != in_chans:
         raise ValueError(f"expected input (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
     if x.shape[-2] < min_size or x.shape[-1] < min_size:

@@ -102,6 +102,7 @@ from acmix.layers import (
     resolve_mixer,
     resolve_padding,
 )
+from acmix.layers.acmix import fx_leaf_call, is_fx_tracing
 from acmix.models._checkpoint import checkpoint, checkpoint_seq
 from acmix.models._common import (
     build_model,
@@ -124,6 +125,8 @@ __all__ = [
     "SANStage",
     "checkpoint_filter_fn",
 ]
+
+torch.fx.wrap("fx_leaf_call")  # a traced PatchwiseSAM is one node, as every ACmix layer
 
 #: SAN offers the whole mixer vocabulary (:mod:`acmix.layers.factory`).
 SAN_MIXERS: tuple[str, ...] = MIXERS
@@ -328,6 +331,8 @@ class PatchwiseSAM(ACmixBase):
         Returns:
             ``(B, out_planes, H, W)``.
         """
+        if is_fx_tracing():
+            return fx_leaf_call(self, x)  # one node under torch.fx, as every ACmix layer
         if x.dim() != 4 or x.shape[1] != self.in_planes:
             raise ValueError(
                 f"expected input (B, {self.in_planes}, H, W), got shape {tuple(x.shape)}"
