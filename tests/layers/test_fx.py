@@ -80,3 +80,20 @@ def test_torchvision_feature_extractor_equals_forward() -> None:
         torch.testing.assert_close(
             feats["c4"], model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
         )
+
+
+def test_swin_traces_and_its_fx_features_are_the_stage_maps() -> None:
+    name = "acmix_swin_tiny_patch4_window7_224"
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=64, num_classes=5).eval()
+    gm = torch.fx.symbolic_trace(model)
+    torch.manual_seed(0)
+    fx = timm.create_model(name, img_size=64, features_only=True, feature_cls="fx").eval()
+    torch.manual_seed(0)
+    plain = timm.create_model(name, img_size=64, features_only=True).eval()
+    with torch.no_grad():
+        for x in (torch.randn(1, 3, 64, 64), torch.randn(1, 3, 50, 70)):  # odd stages pad
+            torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+        x = torch.randn(1, 3, 64, 64)
+        for a, b in zip(fx(x), plain(x), strict=True):  # timm's FX features stay NHWC
+            torch.testing.assert_close(a.permute(0, 3, 1, 2), b, rtol=0, atol=0)

@@ -78,6 +78,7 @@ from acmix.layers import (
     shifted_window_mask,
     window_partition,
 )
+from acmix.layers.acmix import is_fx_tracing
 from acmix.layers.factory import mixer_label
 from acmix.models._checkpoint import checkpoint_seq
 from acmix.models._common import build_model, drop_path_rates, feature_take_indices, model_cfg
@@ -184,7 +185,7 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H/2, W/2, out_dim)``."""
         B, H, W, C = x.shape
-        if H % 2 or W % 2:
+        if is_fx_tracing() or H % 2 or W % 2:  # traced: pad unconditionally (0 for even sizes)
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
             H, W = H + H % 2, W + W % 2
         # (B, H/2, dh, W/2, dw, C) -> (B, H/2, W/2, dw, dh, C): channel (dw * 2 + dh) * C + c.
@@ -340,8 +341,17 @@ class SwinACmixBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        x = x + self.drop_path1(self._mix(self.norm1(x)))
+        y = self.norm1(x)
+        # The padding / shift / mask depend on H, W: one opaque call under a torch.fx trace.
+        mixed = _traced_mix(self, y) if is_fx_tracing() else self._mix(y)
+        x = x + self.drop_path1(mixed)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+@torch.fx.wrap
+def _traced_mix(block: SwinACmixBlock, x: torch.Tensor) -> torch.Tensor:
+    """``block._mix(x)``, recorded by a ``torch.fx`` trace as one call."""
+    return block._mix(x)
 
 
 class SwinStage(nn.Module):
@@ -551,7 +561,7 @@ class SwinTransformer(nn.Module):
                 )
             )
             self.feature_info.append(
-                dict(num_chs=dim, reduction=patch_size * 2**i, module=f"layers.{i}")
+                dict(num_chs=dim, reduction=patch_size * 2**i, module=f"layers.{i}.blocks")
             )
             res = (math.ceil(res[0] / 2), math.ceil(res[1] / 2))
         self.layers = nn.Sequential(*stages)
@@ -635,7 +645,7 @@ class SwinTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding (+ dropout): ``(B, C_in, H, W)`` -> ``(B, H/p, W/p, C)``."""
-        if x.ndim != 4:
+        if not is_fx_tracing() and x.ndim != 4:
             raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         return self.pos_drop(self.patch_embed(x))
 
