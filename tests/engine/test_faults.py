@@ -20,7 +20,6 @@ from acmix.engine import (
     NonFiniteError,
     load_checkpoint,
     load_config,
-    save_checkpoint,
     train,
 )
 from acmix.engine import trainer as trainer_mod
@@ -56,10 +55,8 @@ def _env() -> dict[str, str]:
 
 
 def _train_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "acmix", "train", *TINY, f"data.data_dir={data_dir}"] + [
-        f"train.output={out}",
-        *extra,
-    ]
+    data = f"data.data_dir={data_dir}"
+    return [sys.executable, "-m", "acmix", "train", *TINY, data, f"train.output={out}", *extra]
 
 
 def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120.0) -> str:
@@ -263,10 +260,12 @@ def test_processes_saving_into_one_directory_never_break_a_manifest(tmp_path) ->
 def test_a_lock_held_in_this_process_is_refused_too(tmp_path) -> None:
     from acmix.utils.io import exclusive_lock
 
-    with exclusive_lock(tmp_path / "l", what="x"):
-        with pytest.raises(LockError, match=f"PID {os.getpid()} on"):
-            with exclusive_lock(tmp_path / "l", what="x", timeout=0.2):
-                pass
+    with (
+        exclusive_lock(tmp_path / "l", what="x"),
+        pytest.raises(LockError, match=f"PID {os.getpid()} on"),
+        exclusive_lock(tmp_path / "l", what="x", timeout=0.2),
+    ):
+        pass
     with exclusive_lock(tmp_path / "l", what="x") as stale:
         assert stale is None
 
@@ -284,7 +283,7 @@ def test_kill_9_at_random_moments_never_breaks_last_and_resume_is_bit_exact(
 
     out = tmp_path / "killed"
     rng = random.Random(0)
-    kills = 0
+    kills = mid_write = 0
     for _ in range(60):  # at most; stops after 24 kills
         cmd = _train_argv(fmnist_dir, out, *extra, "--resume", "auto")
         proc = subprocess.Popen(
@@ -302,12 +301,14 @@ def test_kill_9_at_random_moments_never_breaks_last_and_resume_is_bit_exact(
         if proc.returncode == -signal.SIGKILL:
             kills += 1
         ckdir = out / "checkpoints"
+        mid_write += bool(list(ckdir.glob(".*.tmp")))  # killed while writing a file
         if (ckdir / "last.json").exists():
             ck = load_checkpoint(ckdir)  # verifies every file; never raises
             assert ck.state["step"] == ck.manifest["step"]
         if kills >= 24 or (proc.returncode == 0):
             break
     assert kills >= 20
+    print(f"{kills} kills, {mid_write} of them mid-write")
     done = subprocess.run(
         _train_argv(fmnist_dir, out, *extra, "--resume", "auto"),
         capture_output=True,

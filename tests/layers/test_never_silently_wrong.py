@@ -110,7 +110,8 @@ def test_convert_model_refuses_what_it_cannot_reproduce_and_changes_nothing() ->
         nn.Conv2d(8, 8, 3, padding=2, dilation=2),
         nn.Conv2d(8, 8, 3, padding=1, groups=8),
     )
-    with pytest.raises(ValueError, match=r"2 selected .*\n  1: .*\(dilation 1\)\n  2: .*\(groups 1\)"):
+    refused = r"2 selected .*\n  1: .*\(dilation 1\)\n  2: .*\(groups 1\)"
+    with pytest.raises(ValueError, match=refused):
         acmix.convert_model(net)
     assert not any(isinstance(m, ACmixConv2d) for m in net)  # untouched
     report = acmix.convert_model(net, skip_unsupported=True, num_heads=2)
