@@ -97,3 +97,15 @@ def test_swin_traces_and_its_fx_features_are_the_stage_maps() -> None:
         x = torch.randn(1, 3, 64, 64)
         for a, b in zip(fx(x), plain(x), strict=True):  # timm's FX features stay NHWC
             torch.testing.assert_close(a.permute(0, 3, 1, 2), b, rtol=0, atol=0)
+
+
+def test_pvt_traces_at_any_grid_size() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("acmix_pvt_tiny", num_classes=5).eval()
+    gm = torch.fx.symbolic_trace(model)  # the position table resize is one call
+    nodes = get_graph_node_names(model)[1]
+    extractor = create_feature_extractor(model, return_nodes=[nodes[-1]])
+    with torch.no_grad():
+        for x in (torch.randn(1, 3, 224, 224), torch.randn(1, 3, 64, 96)):
+            torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+            torch.testing.assert_close(next(iter(extractor(x).values())), model(x), rtol=0, atol=0)

@@ -72,6 +72,7 @@ from acmix.layers import (
     call_mixer,
     resolve_mixer,
 )
+from acmix.layers.acmix import fx_leaf_call, is_fx_tracing
 from acmix.models._checkpoint import checkpoint
 from acmix.models._common import (
     build_model,
@@ -94,6 +95,8 @@ __all__ = [
     "SRAttention",
     "checkpoint_filter_fn",
 ]
+
+torch.fx.wrap("fx_leaf_call")  # a traced SRAttention is one node, as every ACmix layer
 
 #: The mixer names PVT offers (:mod:`acmix.layers.factory`); ``"conv"`` and
 #: ``"acmix_conv"`` are not among them (:data:`PVT_NO_CONV_MIXER`).
@@ -209,6 +212,8 @@ class SRAttention(ACmixBase):
         Returns:
             ``(B, P + H*W, C)``.
         """
+        if is_fx_tracing():
+            return fx_leaf_call(self, x, H, W)  # one node under torch.fx, as every ACmix layer
         B, T, C = x.shape
         P = self.num_prefix_tokens
         if x.shape[1:] != (P + H * W, self.dim):
@@ -386,13 +391,21 @@ class PVTStage(nn.Module):
         x = self.patch_embed(x)  # (B, H*W, dim)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), 1)
-        x = self.pos_drop(x + self.position_embedding(H, W))
+        # The table is resized only for another grid size: one opaque call when traced.
+        pos = _traced_pos_embed(self, H, W) if is_fx_tracing() else self.position_embedding(H, W)
+        x = self.pos_drop(x + pos)
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x, H, W)
             else:
                 x = blk(x, H, W)
         return x, (H, W)
+
+
+@torch.fx.wrap
+def _traced_pos_embed(stage: PVTStage, H: int, W: int) -> torch.Tensor:
+    """``stage.position_embedding(H, W)``, recorded by a ``torch.fx`` trace as one call."""
+    return stage.position_embedding(H, W)
 
 
 class PyramidVisionTransformer(nn.Module):
