@@ -141,8 +141,25 @@ def local_attention(
         pe_c, s = _cpp_attention_args(qkv, N, pe, scale)
         out, _ = cpp.local_attention_cpu(qkv, pe_c, N, kernel, padding == "zeros", s, stride)
         return out.view(B, N, d, out.shape[-2], out.shape[-1])
+    return _split_local_attention(name, q, k, v, kernel, stride, padding, pe, scale, mlp)
+
+
+def _split_local_attention(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: int,
+    stride: int,
+    padding: str,
+    pe: torch.Tensor | None,
+    scale: float | None,
+    mlp: Mlp | None,
+) -> torch.Tensor:
+    """Run the chosen backend ``name`` (not ``"cpp"``) on validated ``(B, N, d, H, W)`` inputs."""
     if name == "triton":  # (its registered op's FLOP formula counts it)
         return triton_backend.local_attention_triton(q, k, v, kernel, stride, padding, pe, scale)
+    B, N, d, H, W = q.shape
     _note_attention_macs(q, B, N, d, out_size(H, stride), out_size(W, stride), kernel, mlp)
     if name == "reference":
         return reference.local_attention_reference(q, k, v, kernel, stride, padding, pe, scale, mlp)
@@ -174,12 +191,14 @@ def local_attention_qkv(
     d = _check_qkv(qkv, heads)
     kernel, stride = _check_window_args(kernel, stride, padding, backend, H, W)
     weight = "dot" if mlp is None else "mlp"
-    if choose_backend("local_attention", (qkv,), backend, weight=weight) == "cpp":
+    name = choose_backend("local_attention", (qkv,), backend, weight=weight)
+    if name == "cpp":
         pe_c, s = _cpp_attention_args(qkv, heads, pe, scale)
         out, _ = cpp.local_attention_cpu(qkv, pe_c, heads, kernel, padding == "zeros", s, stride)
         return out
+    # The other backends take the heads split; validated and chosen once, here.
     q, k, v = qkv.view(B, 3, heads, d, H, W).unbind(1)
-    out = local_attention(q, k, v, kernel, stride, padding, pe, scale, mlp, backend)
+    out = _split_local_attention(name, q, k, v, kernel, stride, padding, pe, scale, mlp)
     return out.reshape(B, heads * d, out.shape[-2], out.shape[-1])
 
 

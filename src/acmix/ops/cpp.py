@@ -170,9 +170,17 @@ def _ext(name: str) -> ModuleType:
     return module
 
 
+#: The compiled kernels each op needs.
+_KERNELS_OF: dict[str, tuple[str, ...]] = {
+    "local_attention": ("attention",),
+    "conv_path": ("conv_path",),
+    "acmix_stage2": ("attention", "conv_path"),
+}
+
+
 def unavailable(op: str, tensors: Sequence[Tensor], facts: dict[str, Any]) -> str | None:
     """Why the C++ kernels cannot run ``op`` on these tensors (``None``: they can)."""
-    if op not in ("local_attention", "conv_path", "acmix_stage2"):
+    if op not in _KERNELS_OF:
         return f"no C++ kernel for {op}"
     if torch.jit.is_tracing():
         return "torch.jit tracing keeps graphs in plain aten ops (ONNX export)"
@@ -192,12 +200,7 @@ def unavailable(op: str, tensors: Sequence[Tensor], facts: dict[str, Any]) -> st
             channels_last = t.dim() == 5 and t.permute(0, 3, 4, 1, 2).is_contiguous()
             if not channels_last or facts.get("stride", 1) != 1:
                 return "needs contiguous (B, 3N, d, H, W) features, or channels-last at stride 1"
-    names = (
-        ("attention", "conv_path")
-        if op == "acmix_stage2"
-        else (("attention",) if op == "local_attention" else ("conv_path",))
-    )
-    for name in names:
+    for name in _KERNELS_OF[op]:
         if not kernel_built(name):
             return f"the C++ kernel {name!r} is not built (ACMIX_NO_CPP set, or no compiler)"
     return None
