@@ -74,11 +74,22 @@ def _label(c: tuple) -> str:
     return f"B{B}N{N}d{d}-{H}x{W}-k{k}s{s}-{padding}" + ("-pe" if pe else "")
 
 
-def _check_case(case: tuple, dtype: torch.dtype, qkv_entry: bool = False) -> None:
+def check_case(
+    case: tuple,
+    dtype: torch.dtype,
+    qkv_entry: bool = False,
+    device: str | torch.device = "cpu",
+    tol: dict | None = None,
+) -> None:
+    """One case through ``backend="triton"`` against the float64 reference, fwd and bwd.
+
+    Also used by ``test_triton.py``'s GPU tests (``device="cuda"``, their tolerances).
+    """
     B, N, d, H, W, kernel, stride, padding, with_pe = case
-    truth = [torch.randn(B, N, d, H, W, dtype=f64) for _ in range(3)]
+    tol = TOL if tol is None else tol
+    truth = [torch.randn(B, N, d, H, W, dtype=f64, device=device) for _ in range(3)]
     if with_pe:
-        truth.append(torch.randn(1, d, H, W, dtype=f64))
+        truth.append(torch.randn(1, d, H, W, dtype=f64, device=device))
     low = [t.to(dtype).requires_grad_() for t in truth]
     ref_in = [t.detach().double().requires_grad_() for t in low]  # the same rounded values
     pe, pe_ref = (low[3], ref_in[3]) if with_pe else (None, None)
@@ -98,26 +109,26 @@ def _check_case(case: tuple, dtype: torch.dtype, qkv_entry: bool = False) -> Non
         assert a.dtype == dtype, name
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(
-            a.double() / scale, b / scale, **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}"
+            a.double() / scale, b / scale, **tol[dtype], msg=lambda m, n=name: f"{n}: {m}"
         )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
 @pytest.mark.parametrize("case", QUICK, ids=_label)
 def test_matches_reference(case, dtype) -> None:
-    _check_case(case, dtype)
+    check_case(case, dtype)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
 @pytest.mark.parametrize("case", _full_sweep(), ids=_label)
 def test_matches_reference_sweep(case, dtype) -> None:
-    _check_case(case, dtype)
+    check_case(case, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
 def test_fused_projection_entry(dtype) -> None:
-    _check_case((1, 2, 8, 7, 6, 5, 2, "zeros", True), dtype, qkv_entry=True)
+    check_case((1, 2, 8, 7, 6, 5, 2, "zeros", True), dtype, qkv_entry=True)
 
 
 def test_choice_under_the_interpreter() -> None:
