@@ -12,6 +12,9 @@ from acmix.engine.inference import export_onnx
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+#: Each export plus onnxruntime check takes 15-35 s here: CI runs them, the quick subset does not.
+pytestmark = pytest.mark.slow
+
 TINY = dict(widths=(8, 16, 16, 32), depths=(1, 1, 1, 1), num_classes=10, in_chans=1)
 
 

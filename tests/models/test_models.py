@@ -38,6 +38,10 @@ NAMES = timm.list_models("acmix_*")
 
 #: Families that cannot be traced, with the reason (none at present).
 TRACE_SKIPS: dict[str, str] = {}
+#: The ResNets take seconds each to trace; ``acmix_tiny`` keeps their code path in the quick subset.
+TRACE_NAMES = [
+    pytest.param(n, marks=pytest.mark.slow) if n.startswith("acmix_resnet") else n for n in NAMES
+]
 
 
 def _create(name: str, **kwargs) -> nn.Module:
@@ -187,7 +191,7 @@ def test_pretrained_cfg(name: str) -> None:
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TRACE_NAMES)
 def test_jit_trace(name: str) -> None:
     """Trace at the test input size (a trace is specialised to the input shape)."""
     reason = next((r for prefix, r in TRACE_SKIPS.items() if name.startswith(prefix)), None)

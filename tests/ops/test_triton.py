@@ -99,6 +99,7 @@ def _run_interpreter_cases(marker: str) -> None:
     assert " passed" in tail and "skipped" not in tail.splitlines()[-1], tail
 
 
+@pytest.mark.slow  # ~1 min of interpreter: out of the quick `-m "not slow"` subset
 def test_interpreter_matches_reference() -> None:
     """The quick subset: every shape feature, both dtypes, opcheck, compile, determinism."""
     _run_interpreter_cases("not slow")
