@@ -128,6 +128,13 @@ def test_apply_overrides_does_not_mutate_its_input() -> None:
 # -- every float field: non-finite and out-of-range values are refused ---------------------------
 
 
+#: The list each float-tuple field is tested with (the default where it has none).
+_TUPLE_VALUES = {
+    "optim.betas": [0.9, 0.999],
+    "sched.decay_milestones": [30.0, 60.0],
+}
+
+
 def _float_fields() -> list[tuple[str, int | None]]:
     """``(dotted key, tuple index or None)`` of every float in every section, found by type."""
     import dataclasses
@@ -140,8 +147,12 @@ def _float_fields() -> list[tuple[str, int | None]]:
             tp = typing.get_type_hints(cls)[f.name]
             args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
             key = f"{section.name}.{f.name}"
-            if typing.get_origin(tp) is tuple and float in typing.get_args(tp):
-                out += [(key, i) for i in range(len(typing.get_args(tp)))]
+            tup = next((a for a in [tp, *args] if typing.get_origin(a) is tuple), None)
+            if tup is not None and float in typing.get_args(tup):
+                n = len(typing.get_args(tup))
+                if Ellipsis in typing.get_args(tup):  # any length: the tested list's
+                    n = len(_TUPLE_VALUES[key])
+                out += [(key, i) for i in range(n)]
             elif float in args:
                 out.append((key, None))
     return out
@@ -163,6 +174,11 @@ OUT_OF_RANGE = {
     "sched.warmup_epochs": [-1.0],
     "sched.warmup_lr": [-1e-6],
     "sched.min_lr": [-1.0],
+    "optim.layer_decay": [0.0, 1.5],
+    "sched.decay_epochs": [0.0, -1.0],
+    "sched.decay_milestones[0]": [-1.0],
+    "sched.decay_milestones[1]": [-30.0],
+    "sched.decay_rate": [0.0, -0.1],
     "train.ema_decay": [-0.1, 1.5],
     "aug.scale[0]": [0.0, -0.5],
     "aug.scale[1]": [1.5, 0.01],  # above 1, or below scale[0]
@@ -190,6 +206,7 @@ def _set(key: str, index: int | None, value: float) -> dict:
     if index is None:
         values[section][field] = value
     else:
+        values[section][field] = list(_TUPLE_VALUES.get(key, values[section][field]))
         values[section][field][index] = value
     return values
 

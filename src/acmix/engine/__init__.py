@@ -39,7 +39,7 @@ from acmix.engine.inference import (
     predict_images,
 )
 from acmix.engine.metrics import alpha_beta, plot_alpha_beta, plot_curves
-from acmix.engine.optim import WarmupCosine, build_optimizer
+from acmix.engine.optim import LRSchedule, build_optimizer, peak_lr
 from acmix.engine.trainer import NonFiniteError, TrainResult, build_model, train
 from acmix.utils.io import LockError
 
@@ -52,6 +52,7 @@ __all__ = [
     "DataConfig",
     "DistInfo",
     "ExportReport",
+    "LRSchedule",
     "LoadedModel",
     "LockError",
     "ModelConfig",
@@ -60,7 +61,6 @@ __all__ = [
     "SchedConfig",
     "TrainConfig",
     "TrainResult",
-    "WarmupCosine",
     "alpha_beta",
     "apply_overrides",
     "atomic_write_bytes",
@@ -76,6 +76,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_weights",
+    "peak_lr",
     "plot_alpha_beta",
     "plot_curves",
     "predict_images",

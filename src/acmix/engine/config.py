@@ -31,6 +31,7 @@ from acmix.utils.config import (
 from acmix.utils.recipes import find_recipe, recipe_dirs  # noqa: F401 (recipe_dirs: re-exported)
 
 __all__ = [
+    "SCHEDULERS",
     "AugConfig",
     "Config",
     "ConfigError",
@@ -42,6 +43,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "known_optimizers",
     "load_config",
 ]
 
@@ -82,73 +84,167 @@ class ModelConfig:
                 raise ConfigError(f"model.kwargs.{key} is set from the data; remove it")
 
 
+#: ``sched.name`` values: timm's schedulers that step per optimizer update
+#: (``create_scheduler_v2``; ``plateau`` steps per epoch on a metric and is left out).
+SCHEDULERS: tuple[str, ...] = (
+    "cosine",
+    "tanh",
+    "poly",
+    "step",
+    "multistep",
+    "wsd",
+    "rsqrt",
+    "constant",
+)
+
+
+def known_optimizers() -> list[str]:
+    """The ``optim.name`` values: every optimizer timm's registry knows (``list_optimizers()``).
+
+    Each may also be written ``lookahead_<name>`` (timm wraps it in Lookahead).
+    """
+    from timm.optim import list_optimizers
+
+    return list(list_optimizers())
+
+
+def _check_optimizer(name: str, betas: tuple[float, ...] | None) -> None:
+    """``optim.name`` must be an optimizer timm knows; ``optim.betas`` must fit it."""
+    base = name.removeprefix("lookahead_")
+    known = known_optimizers()
+    if base not in known:
+        raise ConfigError(
+            f"optim.name must be an optimizer timm knows (or lookahead_<name>), got {name!r}; "
+            f"known: {', '.join(known)}"
+        )
+    if betas is not None:
+        from timm.optim import get_optimizer_info
+
+        info = get_optimizer_info(base)
+        if info.has_betas and len(betas) != info.num_betas:
+            raise ConfigError(
+                f"optim.betas: {base} takes {info.num_betas} betas, "
+                f"got {len(betas)} ({list(betas)})"
+            )
+
+
 @dataclass
 class OptimConfig:
-    """Optimiser.
+    """Optimiser: any of timm's (``timm.optim.create_optimizer_v2``).
 
     Attributes:
-        name: ``"sgd"`` or ``"adamw"``.
+        name: an optimizer timm knows (:func:`known_optimizers`): ``"sgd"``,
+            ``"adamw"``, ``"lamb"``, ``"lion"``, ``"adan"``, ... or
+            ``"lookahead_<name>"``. ``"sgd"`` is SGD with momentum, Nesterov only
+            with ``nesterov: true`` (as before; timm's own ``"sgd"`` default is
+            Nesterov).
         lr: peak learning rate at ``lr_base_batch`` (or at the actual batch).
-        lr_base_batch: scale ``lr`` linearly to the global batch:
-            ``lr * batch_size / lr_base_batch`` (``None``: no scaling).
-        momentum: SGD momentum.
-        nesterov: SGD Nesterov momentum.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        lr_base_batch: scale ``lr`` to the global batch, ``lr * batch_size /
+            lr_base_batch`` (``lr_base_scale="linear"``) or its square root
+            (``"sqrt"``); ``None``: no scaling.
+        lr_base_scale: ``"linear"`` or ``"sqrt"`` scaling of ``lr`` with the batch.
+        momentum: momentum of the optimizers that take one (SGD family, Muon, ...).
+        nesterov: Nesterov momentum, for the optimizers that take a ``nesterov``
+            argument (it overrides timm's per-name default).
+        betas: the optimizer's betas (as many as it takes: 2, 3 for Adan);
+            ``None``: its default. Ignored by optimizers without betas.
+        eps: the optimizer's epsilon; ``None``: its default. Ignored by
+            optimizers without one.
+        weight_decay: decoupled (AdamW, ...) or L2 (SGD) weight decay.
         decay_1d: also decay 1-D parameters (norms, biases) and the model's
-            ``no_weight_decay()`` set (ACmix's α, β); ``False`` excludes them.
+            ``no_weight_decay()`` set (ACmix's alpha, beta); ``False`` excludes them.
+        layer_decay: layer-wise learning-rate decay (BEiT / timm's
+            ``--layer-decay``): the layer ``i`` of ``L`` (the model's
+            ``group_matcher``) learns at ``lr * layer_decay ** (L - 1 - i)``;
+            ``None``: off.
+        kwargs: further keyword arguments of the optimizer, e.g. ``{caution: true}``.
         grad_clip: clip the global gradient norm to this (``None``: off).
     """
 
     name: str = "sgd"
     lr: float = 0.1
     lr_base_batch: int | None = None
+    lr_base_scale: str = "linear"
     momentum: float = 0.9
     nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, ...] | None = None
+    eps: float | None = None
     weight_decay: float = 1e-4
     decay_1d: bool = True
+    layer_decay: float | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
         check_config_finite("optim", self)
-        check_config_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_optimizer(self.name, self.betas)
+        check_config_choice("optim.lr_base_scale", self.lr_base_scale, ("linear", "sqrt"))
         check_config_range("optim.lr", self.lr, 0.0)
         check_config_range("optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        for i, beta in enumerate(self.betas):
+        for i, beta in enumerate(self.betas or ()):
             check_config_range(f"optim.betas[{i}]", beta, 0.0, 1.0, hi_open=True)
-        check_config_range("optim.eps", self.eps, 0.0, lo_open=True)
+        if self.eps is not None:
+            check_config_range("optim.eps", self.eps, 0.0, lo_open=True)
         check_config_range("optim.weight_decay", self.weight_decay, 0.0)
         if self.lr_base_batch is not None:
             check_config_range("optim.lr_base_batch", self.lr_base_batch, 1)
+        if self.layer_decay is not None:
+            check_config_range("optim.layer_decay", self.layer_decay, 0.0, 1.0, lo_open=True)
+        for key in ("params", "lr", "weight_decay", "momentum", "betas", "eps", "nesterov"):
+            if key in self.kwargs:
+                raise ConfigError(f"optim.kwargs.{key}: set optim.{key} instead")
         if self.grad_clip is not None:
             check_config_range("optim.grad_clip", self.grad_clip, 0.0, lo_open=True)
 
 
 @dataclass
 class SchedConfig:
-    """Per-step learning-rate schedule.
+    """Learning-rate schedule: timm's schedulers, stepped after every optimizer update.
+
+    Epoch quantities are converted to optimizer steps (rounded) with the run's
+    steps per epoch, so fractions are allowed. ``cosine``, ``tanh`` and
+    ``poly`` decay over the steps after the warm-up (timm's
+    ``warmup_prefix=True``: the learning rate is ``peak`` at the warm-up's end
+    and ``min_lr`` after the last step); ``step`` and ``multistep`` count
+    their epochs from the start of the run; ``wsd`` / ``rsqrt`` fit their
+    stable and decay phases after the warm-up.
 
     Attributes:
-        name: ``"cosine"`` (to ``min_lr`` at the last step) or ``"constant"``.
+        name: one of :data:`SCHEDULERS` (timm's): ``"cosine"`` (to ``min_lr``
+            at the last step), ``"tanh"``, ``"poly"`` (power ``decay_rate``),
+            ``"step"`` (times ``decay_rate`` every ``decay_epochs``),
+            ``"multistep"`` (times ``decay_rate`` at each of ``decay_milestones``),
+            ``"wsd"`` (warm-up, stable, decay over ``decay_epochs``), ``"rsqrt"``,
+            ``"constant"``.
         warmup_epochs: linear warm-up from ``warmup_lr`` (fractions allowed).
         warmup_lr: learning rate of the first step.
-        min_lr: final learning rate of the cosine.
+        min_lr: final learning rate (cosine, tanh, poly, wsd, rsqrt).
+        decay_epochs: ``step``: epochs between decays (``None``: 90); ``wsd`` /
+            ``rsqrt``: length of the decay phase, in epochs or, below 1, as a
+            fraction of the steps after the warm-up (``None``: 0.2).
+        decay_milestones: ``multistep``: the epochs at which the rate decays.
+        decay_rate: ``step`` / ``multistep``: the factor per decay; ``poly``: the power.
     """
 
     name: str = "cosine"
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
+    decay_epochs: float | None = None
+    decay_milestones: tuple[float, ...] = (90.0, 180.0, 270.0)
+    decay_rate: float = 0.1
 
     def __post_init__(self) -> None:
         check_config_finite("sched", self)
-        check_config_choice("sched.name", self.name, ("cosine", "constant"))
+        check_config_choice("sched.name", self.name, SCHEDULERS)
         check_config_range("sched.warmup_epochs", self.warmup_epochs, 0.0)
         check_config_range("sched.warmup_lr", self.warmup_lr, 0.0)
         check_config_range("sched.min_lr", self.min_lr, 0.0)
+        if self.decay_epochs is not None:
+            check_config_range("sched.decay_epochs", self.decay_epochs, 0.0, lo_open=True)
+        for i, m in enumerate(self.decay_milestones):
+            check_config_range(f"sched.decay_milestones[{i}]", m, 0.0)
+        check_config_range("sched.decay_rate", self.decay_rate, 0.0, lo_open=True)
 
 
 @dataclass
@@ -249,6 +345,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            if not isinstance(value, list | tuple):
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(

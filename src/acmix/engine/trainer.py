@@ -8,7 +8,7 @@
 * the model from timm (``acmix list-models``), optional ``channels_last``,
   ``torch.compile``, gradient checkpointing, DDP (gloo on CPU, NCCL on CUDA;
   SyncBatchNorm only on CUDA);
-* SGD / AdamW, a per-step warm-up + cosine schedule, AMP (bf16 autocast on
+* timm's optimizers (layer decay too) and schedulers, stepped per update, AMP (bf16 autocast on
   CPU or GPU, fp16 with gradient scaling on GPU), gradient clipping, EMA,
   mixup / cutmix, label smoothing;
 * at the end of each epoch: evaluation, a ``last`` (and ``best``)
@@ -74,7 +74,7 @@ from acmix.engine.config import Config, ConfigError, ModelConfig, config_to_dict
 from acmix.engine.distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
 from acmix.engine.evaluate import evaluate
 from acmix.engine.metrics import MetricsLogger, plot_alpha_beta, plot_curves
-from acmix.engine.optim import WarmupCosine, build_optimizer, peak_lr
+from acmix.engine.optim import LRSchedule, build_optimizer, peak_lr
 from acmix.utils.io import LockError, exclusive_lock
 
 __all__ = ["RUN_LOCK", "NonFiniteError", "TrainResult", "build_model", "seed_everything", "train"]
@@ -335,9 +335,7 @@ class _Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.peak = peak_lr(cfg.optim, cfg.data.batch_size)
         self.optimizer = build_optimizer(model, cfg.optim, self.peak)
-        self.sched = WarmupCosine(
-            self.optimizer, self.peak, self.total_steps, cfg.sched, self.steps_per_epoch
-        )
+        self.sched = LRSchedule(self.optimizer, cfg.sched, self.total_steps, self.steps_per_epoch)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
             cfg.train.amp
         ]
