@@ -29,7 +29,9 @@ class DataConfig:
         dataset: ``"fashion-mnist"`` (the embedded default, from the Debian
             package ``dataset-fashion-mnist``), ``"digits"`` (scikit-learn's
             bundled 8x8 digits) or ``"folder"`` (ImageNet-style
-            ``data_dir/<split>/<class>/*.jpg``).
+            ``data_dir/<split>/<class>/*.jpg``, or a tar file
+            ``data_dir/<split>.tar`` of ``<class>/*.jpg`` members, or
+            ``data_dir/<split>/<class>.tar``: timm's readers).
         data_dir: the Fashion-MNIST IDX directory (default: the Debian
             package's) or the image-folder root.
         train_split: sub-folder of ``data_dir`` with the training images.

@@ -9,15 +9,17 @@
 * **digits**: scikit-learn's bundled 1,797 8x8 handwritten digits, split
   80/20 with a fixed seed (stratified), for machines without the package.
 * **Image folders**: ``root/<split>/<class>/<image>`` (ImageNet / torchvision
-  ``ImageFolder`` layout). A missing folder, a split without classes, an
-  empty class or class sets that differ between splits raise
-  :class:`DataError` naming the path. Unreadable images: see
-  :class:`ImageFolder` (``bad_images``).
+  ``ImageFolder`` layout), or ``root/<split>.tar`` (a tar of class folders),
+  or ``root/<split>/<class>.tar``, through timm's dataset readers. A missing
+  folder, a split without classes, an empty class or class sets that differ
+  between splits raise :class:`DataError` naming the path. Unreadable
+  images: see :class:`ImageFolder` (``bad_images``).
 """
 
 from __future__ import annotations
 
 import os
+import tarfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import get_img_extensions
+from timm.data.readers.reader import Reader
+from timm.data.readers.reader_image_folder import find_images_and_targets
+from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 from torch.utils.data import Dataset
 
 from acmix.data.idx import read_idx
@@ -247,32 +253,129 @@ def load_digits(split: str = "train", test_fraction: float = 0.2, seed: int = 0)
     )
 
 
-class ImageFolder(Dataset):
-    """``root/<class>/<image>`` (torchvision's layout), with checks that name the bad path.
+class _ClassFolderReader(Reader):
+    """``root/<class>/**/<image>`` for timm's :class:`~timm.data.ImageDataset` interface.
 
-    Class folders are sorted by name (label = rank); files with a suffix in
-    :data:`IMAGE_EXTENSIONS` are the samples (others are ignored). Images are
-    converted to ``mode``: ``"RGB"`` (3 channels) or ``"L"`` (grayscale).
+    Each class folder is scanned by timm's ``find_images_and_targets``
+    (recursive, following links, :data:`IMAGE_EXTENSIONS`), but the label is
+    the *top* class folder (torchvision's rule, as before): timm's own
+    :class:`ReaderImageFolder` labels by the leaf folder and would split or
+    drop the images of a class folder's sub-folders. Paths are sorted as
+    strings within a class (timm sorts "naturally"), so the sample order,
+    and with it a seed's batches, is the one earlier runs had.
+    """
+
+    def __init__(self, root: Path, classes: Sequence[str]) -> None:
+        super().__init__()
+        self.root = root
+        self.samples: list[tuple[str, int]] = []
+        for label, name in enumerate(classes):
+            found, _ = find_images_and_targets(str(root / name), types=IMAGE_EXTENSIONS, sort=False)
+            files = sorted(f for f, _ in found)
+            if not files:
+                raise DataError(
+                    f"empty class folder: {root / name} has no image "
+                    f"({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            self.samples += [(f, label) for f in files]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        return open(path, "rb"), target  # the caller closes it
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        path = self.samples[index][0]
+        if basename:
+            return os.path.basename(path)
+        return path if absolute else os.path.relpath(path, self.root)
+
+
+def _tar_reader(root: Path) -> tuple[Reader, list[str], list[tuple[str, int, int]]]:
+    """timm's :class:`ReaderImageInTar` over a ``.tar`` (or a folder of them), checked.
+
+    Returns:
+        The reader, its class names sorted as strings (the label order of
+        folders), and the samples as ``(name for messages (archive:member),
+        label, the reader's index)``, sorted by label, then name (timm sorts
+        all members by path "naturally").
+
+    Raises:
+        DataError: an unreadable archive, no image in it, or images outside
+            class folders (a single archive's top level).
+    """
+    try:
+        reader = ReaderImageInTar(str(root), cache_tarinfo=False)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"unreadable tar file in {root}: {e}") from None
+    except (ValueError, AssertionError):  # timm: no sample (unpacks an empty zip) / no .tar
+        raise DataError(
+            f"no image in {root} (tar members <class>/<image> with a suffix in "
+            f"{', '.join(get_img_extensions())})"
+        ) from None
+    classes = sorted(reader.class_name_to_idx)
+    if "" in classes:
+        loose = [
+            str(ti.name)
+            for (ti, _, _), t in zip(reader.samples, reader.targets, strict=True)
+            if reader.class_idx_to_name[int(t)] == ""
+        ]
+        raise DataError(
+            f"images outside class folders in {root}: {', '.join(loose[:3])}"
+            f"{' ...' if len(loose) > 3 else ''} (expected <class>/<image> members)"
+        )
+    ours = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for pos, ((ti, parent, _child), t) in enumerate(
+        zip(reader.samples, reader.targets, strict=True)
+    ):
+        archive = root / parent if parent else root
+        samples.append((f"{archive}:{ti.name}", ours[reader.class_idx_to_name[int(t)]], pos))
+    samples.sort(key=lambda s: (s[1], s[0]))  # by class, then name: a folder's order
+    return reader, classes, samples
+
+
+class ImageFolder(Dataset):
+    """Class folders, a tar of them, or one tar per class, with checks that name the bad path.
+
+    The samples come from timm's dataset readers (``timm.data.readers``):
+
+    * a folder ``root/<class>/<image>`` (torchvision's / ImageNet's layout):
+      class folders sorted by name (label = rank); files with a suffix in
+      :data:`IMAGE_EXTENSIONS`, in sub-folders too, are the class's samples
+      (:class:`_ClassFolderReader` over timm's folder scan);
+    * ``root`` a ``.tar`` archive of ``<class>/<image>`` members, or a folder
+      holding one ``<class>.tar`` per class (ImageNet's training tars):
+      timm's :class:`ReaderImageInTar` (labels from the member's folder /
+      the archive's name, timm's image suffixes; its tar-info cache is off,
+      so nothing is written next to the data). Classes are again sorted by name.
+
+    Images are converted to ``mode``: ``"RGB"`` (3 channels) or ``"L"`` (grayscale).
 
     Unreadable images (``bad_images``): ``"error"`` raises :class:`DataError`
     naming the file; ``"skip"`` (default) replaces it by the next readable
     sample, warns once naming the file, and counts it in ``self.skipped``.
     :meth:`verify` opens every file up front and drops the unreadable ones
-    (again: counted and reported), so a run sees only good files.
+    (again: counted and reported), so a run sees only good files. (timm's
+    :class:`~timm.data.ImageDataset` only logs and retries; its policy is not
+    used.)
 
     Args:
-        root: the split folder.
+        root: the split folder (or ``.tar`` file).
         transform: ``PIL.Image -> tensor``.
         bad_images: ``"skip"`` or ``"error"``.
         classes: expected class names (another split's); ``None``: the
-            folders found.
+            classes found.
         classes_from: where ``classes`` came from (the other split's folder),
             named with this one when they differ.
         mode: the PIL mode images are converted to, ``"RGB"`` or ``"L"``.
 
     Raises:
-        DataError: ``root`` is missing or not a folder, has no class folders,
-            a class folder holds no image, or ``classes`` differ.
+        DataError: ``root`` is missing, neither a folder nor a tar file, has
+            no class folders (nor tars), a class folder holds no image, or
+            ``classes`` differ.
     """
 
     def __init__(
@@ -293,29 +396,37 @@ class ImageFolder(Dataset):
         self.transform = transform
         self.bad_images = bad_images
         self.skipped: list[str] = []
+        self._pid = os.getpid()
         if not self.root.exists():
             raise DataError(f"image folder not found: {self.root}")
-        if not self.root.is_dir():
-            raise DataError(f"not a folder: {self.root}")
-        found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        if not found:
-            raise DataError(f"no class folders in {self.root} (expected {self.root}/<class>/*.jpg)")
+        tar = None
+        if self.root.is_file():
+            if not tarfile.is_tarfile(self.root):
+                raise DataError(f"not a folder nor a tar file: {self.root}")
+            tar = _tar_reader(self.root)
+            found = tar[1]
+        else:
+            found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+            if not found and any(self.root.glob("*.tar")):
+                tar = _tar_reader(self.root)
+                found = tar[1]
+            elif not found:
+                raise DataError(
+                    f"no class folders in {self.root} (expected {self.root}/<class>/*.jpg, "
+                    f"or one {self.root}/<class>.tar per class)"
+                )
         if classes is not None:
             check_same_classes(list(classes), found, classes_from, str(self.root))
+        self.reader: Reader
+        if tar is not None:
+            self.reader, _, items = tar
+            self.samples: list[tuple[str, int]] = [(name, label) for name, label, _ in items]
+            self._pos = [pos for _, _, pos in items]  # sample i is the reader's item _pos[i]
+        else:
+            self.reader = _ClassFolderReader(self.root, found)
+            self.samples = list(self.reader.samples)
+            self._pos = list(range(len(self.samples)))
         self.classes = found
-        self.samples: list[tuple[str, int]] = []
-        for label, name in enumerate(found):
-            files = sorted(
-                str(f)
-                for f in (self.root / name).rglob("*")
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            if not files:
-                raise DataError(
-                    f"empty class folder: {self.root / name} has no image "
-                    f"({', '.join(IMAGE_EXTENSIONS)})"
-                )
-            self.samples += [(f, label) for f in files]
         self.targets = torch.tensor([t for _, t in self.samples], dtype=torch.long)
 
     @property
@@ -326,28 +437,48 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _open(self, path: str) -> Image.Image:
-        with Image.open(path) as im:
+    def _forget_tar_handles(self) -> None:
+        # timm's tar reader keeps its archives open; a forked worker must not share
+        # the parent's file offsets, and a pickled (spawned) one cannot take them.
+        states = getattr(self.reader, "tar_state", None)
+        if states is None:
+            return
+        for st in states.values() if isinstance(states, dict) else [states]:
+            st.reset()
+            for child in st.children.values():
+                child.reset()
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._forget_tar_handles()
+        return self.__dict__.copy()
+
+    def _open(self, i: int) -> Image.Image:
+        if os.getpid() != self._pid:
+            self._forget_tar_handles()
+            self._pid = os.getpid()
+        f, _ = self.reader[self._pos[i]]
+        with f, Image.open(f) as im:
             return im.convert(self.mode)
 
     def verify(self) -> list[str]:
         """Open every image once; drop (``"skip"``) or raise on (``"error"``) unreadable ones.
 
         Returns:
-            The paths dropped.
+            The paths (``archive:member`` in a tar) dropped.
         """
         good, bad = [], []
-        for path, label in self.samples:
+        for i, (path, _) in enumerate(self.samples):
             try:
-                self._open(path)
-                good.append((path, label))
+                self._open(i)
+                good.append(i)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 if self.bad_images == "error":
                     raise DataError(f"unreadable image {path}: {e}") from None
                 bad.append(path)
         if bad:
-            self.samples = good
-            self.targets = torch.tensor([t for _, t in good], dtype=torch.long)
+            self._pos = [self._pos[i] for i in good]
+            self.samples = [self.samples[i] for i in good]
+            self.targets = torch.tensor([t for _, t in self.samples], dtype=torch.long)
             self.skipped += bad
             shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
             warnings.warn(
@@ -357,9 +488,10 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for k in range(len(self.samples)):
-            path, label = self.samples[(index + k) % len(self.samples)]
+            i = (index + k) % len(self.samples)
+            path, label = self.samples[i]
             try:
-                img = self._open(path)
+                img = self._open(i)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 if self.bad_images == "error":
                     raise DataError(f"unreadable image {path}: {e}") from None

@@ -295,12 +295,13 @@ def build_data(
         if not root.is_dir():
             raise DataError(f"image-folder root not found: {root}")
         mode = _folder_mode(data.img_mode, in_chans)
-        train_f = ImageFolder(root / data.train_split, bad_images=data.bad_images, mode=mode)
+        train_dir, val_dir = _split_path(root, data.train_split), _split_path(root, data.val_split)
+        train_f = ImageFolder(train_dir, bad_images=data.bad_images, mode=mode)
         val_f = ImageFolder(
-            root / data.val_split,
+            val_dir,
             bad_images=data.bad_images,
             classes=train_f.classes,
-            classes_from=str(root / data.train_split),
+            classes_from=str(train_dir),
             mode=mode,
         )
         if data.check_images:
@@ -352,6 +353,21 @@ def build_data(
         classes=list(classes),
         info=info,
     )
+
+
+def _split_path(root: Any, split: str) -> Any:
+    """``root/split`` (a folder, or a tar file of that name), else ``root/split.tar``.
+
+    Raises:
+        DataError: neither exists (both paths named).
+    """
+    path = root / split
+    if path.exists():
+        return path
+    tar = root / f"{split}.tar"
+    if tar.is_file():
+        return tar
+    raise DataError(f"image folder not found: {path} (nor a tar file {tar})")
 
 
 def _folder_mode(img_mode: str | None, in_chans: int | None) -> str:
