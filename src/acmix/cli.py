@@ -433,7 +433,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
                 )
             model = loaded.model.to(info.device)
             loader = data.val_loader(
-                cfg.data.eval_batch_size, info.rank, info.world_size, cfg.data.workers
+                cfg.data.eval_batch_size, info.rank, info.world_size, cfg.data.workers, info.device
             )
             amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
             metrics = evaluate(model, loader, info, amp_dtype=amp)

@@ -14,7 +14,7 @@ from acmix.data import (
     build_mixup,
     sample_seed,
 )
-from acmix.engine.config import AugConfig, DataConfig
+from acmix.engine.config import AugConfig, ConfigError, DataConfig, load_config
 from tests.data_util import make_fake_fmnist, make_image_folder
 
 
@@ -147,3 +147,43 @@ def test_worker_processes_give_the_same_batches(tmp_path) -> None:
     assert len(batches[0]) == len(batches[1]) == 4
     for (x0, y0), (x1, y1) in zip(*batches, strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_pin_memory_and_persistent_workers_defaults(tmp_path) -> None:
+    root = make_fake_fmnist(tmp_path, n_train=16, n_test=8)
+    data = build_data(DataConfig(data_dir=str(root)), AugConfig())
+    cuda = torch.cuda.is_available()
+    assert data.loader_options(0, "cpu") == (False, False)  # no workers: nothing to keep
+    assert data.loader_options(2, torch.device("cpu")) == (False, True)
+    assert data.loader_options(2, "cuda") == (cuda, True)  # pinned for CUDA (when there is one)
+    off = build_data(
+        DataConfig(data_dir=str(root), pin_memory=True, persistent_workers=False), AugConfig()
+    )
+    assert off.loader_options(2, "cpu") == (cuda, False)
+    with pytest.raises(ConfigError, match=r"data\.persistent_workers=true needs loader workers"):
+        DataConfig(workers=0, persistent_workers=True)
+    with pytest.raises(ConfigError, match=r"data\.pin_memory: expected bool \| None, got .maybe."):
+        load_config(None, ["data.pin_memory=maybe"])
+
+
+def test_persistent_workers_keep_one_loader_with_the_same_batches(tmp_path) -> None:
+    data = build_data(
+        DataConfig(data_dir=str(make_fake_fmnist(tmp_path, n_train=32, n_test=8))),
+        AugConfig(crop="pad", hflip=0.5),
+    )
+    sampler = TrainBatchSampler(len(data.train), 8, seed=5)
+    plain = TrainBatchSampler(len(data.train), 8, seed=5)
+    loader = data.train_loader(sampler, 2, 5)
+    assert loader.persistent_workers and loader.num_workers == 2 and not loader.pin_memory
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        again = data.train_loader(sampler, 2, 5)
+        assert again is loader  # its workers are still the same processes
+        got = [(x.clone(), y.clone()) for x, y in again]
+        want = list(data.train_loader(plain, 0, 5))
+        assert len(got) == len(want) == 4
+        for (x0, y0), (x1, y1) in zip(got, want, strict=True):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert data.train_loader(TrainBatchSampler(32, 8, seed=5), 2, 5) is not loader
+    assert data.val_loader(4, 0, 1, 2) is data.val_loader(4, 0, 1, 2)

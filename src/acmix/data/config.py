@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from acmix.utils.config import check_config_choice, check_config_finite, check_config_range
+from acmix.utils.config import (
+    ConfigError,
+    check_config_choice,
+    check_config_finite,
+    check_config_range,
+)
 
 __all__ = ["DATASETS", "IMG_MODES", "AugConfig", "DataConfig"]
 
@@ -53,6 +58,13 @@ class DataConfig:
             ``"RGB"`` (3 channels) or ``"L"`` (grayscale, 1 channel); ``None``:
             follow the model's ``in_chans`` where one is given (``acmix eval``
             of a 1-channel checkpoint reads grayscale), else RGB.
+        pin_memory: copy batches into pinned (page-locked) memory, so the copy
+            to the GPU overlaps the step; ``None``: on when training or
+            evaluating on CUDA. Never without CUDA.
+        persistent_workers: keep the loader's worker processes (and their
+            copy of the data set) alive between epochs instead of starting them
+            anew each epoch; ``None``: on when there are workers. Needs
+            ``workers`` > 0 (or ``None``); with ``workers: 0`` it is an error.
     """
 
     dataset: str = "fashion-mnist"
@@ -68,6 +80,8 @@ class DataConfig:
     check_images: bool = False
     bad_images: str = "skip"
     img_mode: str | None = None
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
 
     def __post_init__(self) -> None:
         check_config_finite("data", self)
@@ -82,6 +96,11 @@ class DataConfig:
                 check_config_range(f"data.{key}", getattr(self, key), 1)
         if self.workers is not None:
             check_config_range("data.workers", self.workers, 0)
+        if self.persistent_workers and self.workers == 0:
+            raise ConfigError(
+                "data.persistent_workers=true needs loader workers: set data.workers > 0 "
+                "(or null), or leave data.persistent_workers unset"
+            )
 
 
 @dataclass

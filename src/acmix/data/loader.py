@@ -177,6 +177,8 @@ class DataBundle:
         std: normalisation std.
         classes: class names (label order).
         info: plain description saved with checkpoints (for ``eval`` / ``predict``).
+        pin_memory: ``data.pin_memory`` (``None``: on for CUDA; :meth:`loader_options`).
+        persistent_workers: ``data.persistent_workers`` (``None``: on with workers).
     """
 
     train: Dataset
@@ -188,33 +190,98 @@ class DataBundle:
     std: tuple[float, ...]
     classes: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
+    _loaders: dict[str, tuple[tuple[Any, ...], DataLoader]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def loader_options(self, workers: int, device: torch.device | str | None) -> tuple[bool, bool]:
+        """``(pin_memory, persistent_workers)`` for ``workers`` loader processes on ``device``.
+
+        ``pin_memory``: ``data.pin_memory``, by default on when ``device`` is
+        CUDA (pinned pages make ``.to(device, non_blocking=True)`` a real
+        asynchronous copy), and never without CUDA. ``persistent_workers``:
+        ``data.persistent_workers``, by default on when there are workers;
+        never without (the main process loads).
+        """
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        pin = on_cuda if self.pin_memory is None else self.pin_memory
+        pin = pin and torch.cuda.is_available()
+        persistent = workers > 0 if self.persistent_workers is None else self.persistent_workers
+        return bool(pin), bool(persistent and workers > 0)
+
+    def _cached(self, kind: str, key: tuple[Any, ...], make: Any) -> DataLoader:
+        # A loader with persistent workers is kept and reused (every epoch asks for
+        # one): its workers live as long as this bundle, instead of forking anew.
+        hit = self._loaders.get(kind)
+        if hit is not None and hit[0] == key:  # the sampler compares by identity
+            return hit[1]
+        loader = make()
+        if loader.persistent_workers:
+            self._loaders[kind] = (key, loader)
+        return loader
 
     def train_loader(
-        self, sampler: TrainBatchSampler, workers: int | None, seed: int
+        self,
+        sampler: TrainBatchSampler,
+        workers: int | None,
+        seed: int,
+        device: torch.device | str | None = None,
     ) -> DataLoader:
         """A loader over ``sampler``'s batches of ``(images, labels)``.
 
-        ``workers``: loader processes, ``None`` for :func:`auto_workers`.
+        Args:
+            sampler: the batches (its :meth:`~TrainBatchSampler.set_epoch` picks the epoch).
+            workers: loader processes, ``None`` for :func:`auto_workers`.
+            seed: the augmentation seed.
+            device: where the batches go (pinned memory by default for CUDA).
+
+        With persistent workers the same loader is returned for the same
+        sampler and settings (the sampler is read in this process, so
+        ``set_epoch`` still applies); data order and augmentation do not depend
+        on it.
         """
         workers = auto_workers() if workers is None else workers
-        return DataLoader(
-            SeededDataset(self.train, seed),
-            batch_sampler=sampler,
-            num_workers=workers,
-            worker_init_fn=_ignore_sigint if workers else None,
-            persistent_workers=False,
+        pin, persistent = self.loader_options(workers, device)
+        return self._cached(
+            "train",
+            (sampler, workers, seed, pin, persistent),
+            lambda: DataLoader(
+                SeededDataset(self.train, seed),
+                batch_sampler=sampler,
+                num_workers=workers,
+                worker_init_fn=_ignore_sigint if workers else None,
+                pin_memory=pin,
+                persistent_workers=persistent,
+            ),
         )
 
     def val_loader(
-        self, batch_size: int, rank: int, world_size: int, workers: int | None
+        self,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        workers: int | None,
+        device: torch.device | str | None = None,
     ) -> DataLoader:
-        """This process's shard of the validation set (every sample exactly once overall)."""
+        """This process's shard of the validation set (every sample exactly once overall).
+
+        ``device``, pinning and persistent workers: as :meth:`train_loader`.
+        """
         workers = auto_workers() if workers is None else workers
-        return DataLoader(
-            SeededDataset(self.val, 0),
-            batch_sampler=EvalBatchSampler(len(self.val), batch_size, rank, world_size),  # type: ignore[arg-type]
-            num_workers=workers,
-            worker_init_fn=_ignore_sigint if workers else None,
+        pin, persistent = self.loader_options(workers, device)
+        return self._cached(
+            "val",
+            (batch_size, rank, world_size, workers, pin, persistent),
+            lambda: DataLoader(
+                SeededDataset(self.val, 0),
+                batch_sampler=EvalBatchSampler(len(self.val), batch_size, rank, world_size),  # type: ignore[arg-type]
+                num_workers=workers,
+                worker_init_fn=_ignore_sigint if workers else None,
+                pin_memory=pin,
+                persistent_workers=persistent,
+            ),
         )
 
 
@@ -352,6 +419,8 @@ def build_data(
         std=tuple(std),
         classes=list(classes),
         info=info,
+        pin_memory=data.pin_memory,
+        persistent_workers=data.persistent_workers,
     )
 
 

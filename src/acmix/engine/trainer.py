@@ -514,7 +514,7 @@ class _Trainer:
     def _evaluate(self) -> dict[str, float]:
         cfg, info = self.cfg, self.info
         loader = self.data.val_loader(
-            cfg.data.eval_batch_size, info.rank, info.world_size, cfg.data.workers
+            cfg.data.eval_batch_size, info.rank, info.world_size, cfg.data.workers, info.device
         )
         kwargs = dict(amp_dtype=self.amp_dtype, channels_last=cfg.model.channels_last)
         val = evaluate(self.model, loader, info, **kwargs)
@@ -611,7 +611,7 @@ class _Trainer:
         cfg, info = self.cfg, self.info
         self.model.train()
         self.sampler.set_epoch(epoch, start)
-        loader = self.data.train_loader(self.sampler, cfg.data.workers, cfg.train.seed)
+        loader = self.data.train_loader(self.sampler, cfg.data.workers, cfg.train.seed, info.device)
         dev = info.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.float64, device=dev)
