@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from acmix.engine import load_checkpoint, load_config, train
+from acmix.engine.distributed import _group_generation
 from tests.data_util import make_fake_fmnist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,3 +139,173 @@ def test_torchrun_cli(fmnist_dir, tmp_path) -> None:
     assert "2 process(es)" in proc.stdout
     ck = load_checkpoint(tmp_path / "tr" / "checkpoints")
     assert ck.state["world_size"] == 2 and ck.state["step"] == 6
+
+
+# -- elastic restarts: a fresh store prefix for every worker group -------------------------
+
+
+def _generations(store: torch.distributed.Store, world: int) -> list[str]:
+    """Run :func:`_group_generation` for ``world`` ranks (threads) on one store."""
+    out: list[str | BaseException] = [""] * world
+
+    def rank(r: int) -> None:
+        try:
+            out[r] = _group_generation(store, r, world, timedelta(seconds=60), poll_s=0.001)
+        except BaseException as e:  # handed to the test thread
+            out[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "the handshake hung"
+    for o in out:
+        if isinstance(o, BaseException):
+            raise o
+    return out  # type: ignore[return-value]
+
+
+def test_group_generation_is_new_for_every_group() -> None:
+    """Stale keys of earlier groups (a dead rank's hello, old answers) never leak into a new one."""
+    store = torch.distributed.HashStore()
+    # What dead groups can leave behind: a hello from a rank that never got its answer,
+    # and an answered hello.
+    store.set("acmix/pg/hello/2", "deadbeef")
+    first = _generations(store, 3)
+    assert len(set(first)) == 1 and re.fullmatch(r"[0-9a-f]{32}", first[0])
+    second = _generations(store, 3)
+    assert len(set(second)) == 1 and second[0] != first[0]
+    # A smaller group after a larger one (elastic shrink): its hello keys are stale too.
+    third = _generations(store, 2)
+    assert len(set(third)) == 1 and third[0] not in (first[0], second[0])
+
+
+def test_group_generation_times_out() -> None:
+    """Rank 0 waiting for a rank that never comes fails with the ranks it misses."""
+    store = torch.distributed.HashStore()
+    store.set("acmix/pg/hello/1", "stale")  # a dead rank's: answered, never acknowledged
+    with pytest.raises(TimeoutError, match=r"rank\(s\) \[1\] did not join"):
+        _group_generation(store, 0, 2, timedelta(seconds=0.2), poll_s=0.01)
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _worker_rank(pid: int) -> int | None:
+    """The ``RANK`` torchrun gave worker ``pid`` (``None``: not a worker, or gone)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+def _last_step(ckpt_dir: Path) -> int | None:
+    try:
+        return int(json.loads((ckpt_dir / "last.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Kill what is left of the launchers and their workers (each in its own session)."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers in /proc")
+@pytest.mark.parametrize("agents", [1, 2], ids=["one-agent", "two-agents-c10d"])
+def test_torchrun_restart_after_kill(fmnist_dir, tmp_path, agents: int) -> None:
+    """`torchrun --max-restarts 1 ... --resume auto`: a worker killed with SIGKILL after the
+    first checkpoint; the restarted group meets in the agent's store (whose keys of the dead
+    group are still there), resumes from the last checkpoint and finishes the run.
+
+    ``agents=2``: two torchrun agents (one worker each) on one c10d rendezvous, the
+    reporter's two-node case.
+    """
+    port = _free_port()
+    out = tmp_path / "run"
+    ckpt_dir = out / "checkpoints"
+    epochs = 12  # 6 steps an epoch; the kill lands after the first epoch's checkpoint
+    if agents == 1:
+        launch = ["--nnodes", "1", "--nproc-per-node", "2"]
+        launch += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    else:
+        launch = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+        launch += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"restart{port}"]
+        launch += ["--local-addr", "127.0.0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launch,
+        "--max-restarts",
+        "1",
+        "--monitor-interval",
+        "0.2",
+        "-m",
+        "acmix",
+        "train",
+        "--resume",
+        "auto",
+        *DDP_RUN,
+        f"train.epochs={epochs}",
+        "train.ema_decay=null",
+        f"data.data_dir={fmnist_dir}",
+        f"train.output={out}",
+    ]
+    env = {**os.environ, **_loopback_env(port), "OMP_NUM_THREADS": "1"}
+    logs = [tmp_path / f"agent{a}.log" for a in range(agents)]
+    procs = []
+    try:
+        for log in logs:
+            with log.open("w") as f:
+                procs.append(
+                    subprocess.Popen(
+                        cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                        start_new_session=True,
+                    )
+                )  # fmt: skip
+        # Wait for the first checkpoint, then SIGKILL the worker of rank 1.
+        deadline = time.monotonic() + 240
+        while _last_step(ckpt_dir) is None:
+            assert all(p.poll() is None for p in procs), "a launcher ended before a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.02)
+        saved = _last_step(ckpt_dir)
+        workers = [w for p in procs for w in _children(p.pid)]
+        victim = [w for w in workers if _worker_rank(w) == 1]
+        assert len(victim) == 1, f"workers {workers}: ranks {[_worker_rank(w) for w in workers]}"
+        os.kill(victim[0], signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline + 120 - time.monotonic()))
+    finally:
+        _stop(procs)
+    text = "\n".join(log.read_text() for log in logs)
+    assert [p.returncode for p in procs] == [0] * agents, text[-4000:]
+    assert "starting a fresh run" in text, text[-4000:]
+    total = epochs * 6
+    resumed = [int(n) for n in re.findall(r"resumed from \S+ at step (\d+)", text)]
+    assert len(resumed) == 1, text[-4000:]
+    assert saved is not None and saved <= resumed[0] < total
+    assert "DDP: weights identical on all 2 ranks" in text
+    ck = load_checkpoint(ckpt_dir)
+    assert ck.state["step"] == total and ck.state["world_size"] == 2

@@ -10,12 +10,35 @@ Multi-node (two machines with 8 GPUs each; run on every node, same
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
         --rdzv-endpoint HOST0:29500 --rdzv-id myjob -m acmix train --config ...
+
+**Elastic restarts** (``torchrun --max-restarts N ... --resume auto``).
+torchrun's workers do not get a store of their own: with
+``TORCHELASTIC_USE_AGENT_STORE=True`` every worker is a client of the
+agent's TCPStore at ``MASTER_ADDR:MASTER_PORT``, which outlives the workers.
+A restarted group would find the dead group's keys there (gloo's peer
+addresses, barrier counters) and hang or fail in ``connectFullMesh`` with
+"Connection refused" (torch 2.14.1's ``env://`` does not prefix the keys
+per attempt).
+:func:`init_distributed` therefore builds the process group on a
+``PrefixStore`` that is new for every worker group: rank 0 draws a random
+generation and hands it to every other rank through a handshake keyed by that
+rank's own random nonce (:func:`_group_generation`), so nothing a previous
+group wrote can be mistaken for this one's. ``TORCHELASTIC_RESTART_COUNT`` is
+not enough as a prefix: it counts the restarts of *this* agent, and an agent
+that restarts its workers for a membership change (another node failed,
+joined or was replaced) does not count it, so two nodes can disagree on it.
+Without an agent store (one process, ``mp.spawn`` with ``MASTER_ADDR`` /
+``MASTER_PORT``, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) rank 0 serves a
+fresh store and ``env://`` is used as is.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -77,8 +100,94 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = _worker_group_store(rank, world, dist.default_pg_timeout)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+        else:
+            dist.init_process_group(
+                backend=backend, init_method="env://", rank=rank, world_size=world
+            )
     return DistInfo(rank, world, local_rank, dev, backend)
+
+
+#: Keys of the handshake in the agent's store (see :func:`_group_generation`).
+_HANDSHAKE = "acmix/pg"
+
+
+def _worker_group_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The agent's TCPStore, prefixed anew for this worker group (see the module docstring)."""
+    agent_store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world,
+        is_master=False,
+        timeout=timeout,
+    )
+    generation = _group_generation(agent_store, rank, world, timeout)
+    return dist.PrefixStore(f"{_HANDSHAKE}/{generation}/", agent_store)
+
+
+def _group_generation(
+    store: dist.Store, rank: int, world: int, timeout: timedelta, poll_s: float = 0.02
+) -> str:
+    """Agree with the other ranks on a name that no earlier worker group used.
+
+    Works in a store that still holds the keys of earlier groups (their ranks
+    are dead: an agent stops its workers before the next rendezvous, and that
+    rendezvous completes only when every agent has joined it). Rank 0 draws a
+    random generation. Every other rank ``r`` writes a random nonce to
+    ``hello/r`` and waits for ``welcome/<nonce>``, a key no one else can have
+    written; rank 0 answers each nonce it reads in ``hello/r`` (a stale one
+    gets an answer no one reads) until rank ``r`` acknowledges under
+    ``ack/<generation>/r``.
+
+    Args:
+        store: the store shared by all ranks.
+        rank: this process's rank.
+        world: number of processes.
+        timeout: how long to wait for the other ranks.
+        poll_s: rank 0's polling interval in seconds.
+
+    Returns:
+        The generation (32 hex digits), the same on every rank.
+
+    Raises:
+        TimeoutError: a rank did not answer within ``timeout``.
+    """
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        welcome = f"{_HANDSHAKE}/welcome/{nonce}"
+        store.set(f"{_HANDSHAKE}/hello/{rank}", nonce)
+        try:
+            store.wait([welcome], timeout)
+        except dist.DistStoreError as e:
+            raise TimeoutError(
+                f"rank {rank}: rank 0 did not answer within {timeout} ({e})"
+            ) from None
+        generation = store.get(welcome).decode()
+        store.delete_key(welcome)
+        store.set(f"{_HANDSHAKE}/ack/{generation}/{rank}", "1")
+        return generation
+    generation = uuid.uuid4().hex
+    answered: dict[int, bytes] = {}
+    pending = set(range(1, world))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        for r in sorted(pending):
+            if store.check([f"{_HANDSHAKE}/ack/{generation}/{r}"]):
+                pending.discard(r)
+            elif store.check([f"{_HANDSHAKE}/hello/{r}"]):
+                nonce = store.get(f"{_HANDSHAKE}/hello/{r}")
+                if answered.get(r) != nonce:
+                    store.set(f"{_HANDSHAKE}/welcome/{nonce.decode()}", generation)
+                    answered[r] = nonce
+        if not pending:
+            return generation
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank 0: rank(s) {sorted(pending)} did not join the process group within {timeout}"
+            )
+        time.sleep(poll_s)
 
 
 def cleanup_distributed() -> None:
