@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from acmix.engine import load_checkpoint, load_config, train
+from acmix.engine.config import ConfigError
 from acmix.engine.distributed import _group_generation
 from tests.data_util import make_fake_fmnist
 
@@ -107,6 +108,79 @@ def test_two_processes_match_one(fmnist_dir, tmp_path) -> None:
     ck = load_checkpoint(tmp_path / "two" / "checkpoints")
     assert ck.state["world_size"] == 2 and ck.state["step"] == 12
     torch.testing.assert_close(ck.weights["fc.weight"], ref["fc.weight"], rtol=1e-4, atol=1e-5)
+
+
+#: The BatchNorm variant of DDP_RUN's model.
+BN_MODEL = (
+    "model.kwargs={stem_stride: 2, widths: [8, 16, 16, 32], depths: [1, 1, 1, 1], norm: batch}"
+)
+DIST_BN = ("none", "reduce", "broadcast")
+
+
+def _bn_worker(rank: int, world: int, ports: list[int], base: list[str], result_dir: str) -> None:
+    """One rank: the same BN run once per ``train.dist_bn`` mode (one fresh group each)."""
+    for mode, port in zip(DIST_BN, ports, strict=True):
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), **_loopback_env(port)
+        )
+        overrides = [*base, f"train.dist_bn={mode}", f"train.output={result_dir}/{mode}"]
+        res = train(load_config(None, overrides), log=lambda _: None)
+        save_file(
+            {k: v.contiguous() for k, v in res.model.state_dict().items()},
+            os.path.join(result_dir, f"{mode}-rank{rank}.safetensors"),
+        )
+        with open(os.path.join(result_dir, f"{mode}-rank{rank}.json"), "w") as f:
+            json.dump({"in_sync": res.ranks_in_sync, "val": res.val}, f)
+
+
+def test_dist_bn_is_validated() -> None:
+    assert load_config(None, []).train.dist_bn == "reduce"
+    msg = r"train\.dist_bn must be one of \['reduce', 'broadcast', 'none'\], got 'mean'"
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, ["train.dist_bn=mean"])
+
+
+def test_batchnorm_ranks_in_sync(fmnist_dir, tmp_path) -> None:
+    """BatchNorm on CPU (no SyncBatchNorm there): train.dist_bn makes the running statistics
+    equal on the ranks, their mean (``reduce``, the default) or rank 0's (``broadcast``),
+    without changing the training; ``none`` leaves each rank its own and the check says so.
+    """
+    base = [*DDP_RUN, BN_MODEL, f"data.data_dir={fmnist_dir}"]
+    results = tmp_path / "results"
+    results.mkdir()
+    ports = [_free_port() for _ in DIST_BN]
+    mp.spawn(_bn_worker, args=(2, ports, base, str(results)), nprocs=2, join=True)
+
+    w = {
+        m: [load_file(str(results / f"{m}-rank{r}.safetensors")) for r in range(2)] for m in DIST_BN
+    }
+    info = {
+        m: [json.loads((results / f"{m}-rank{r}.json").read_text()) for r in range(2)]
+        for m in DIST_BN
+    }
+    stats = [k for k in w["none"][0] if k.endswith((".running_mean", ".running_var"))]
+    assert len(stats) >= 20
+    # Without synchronisation the ranks' statistics differ (each saw its half of the batch).
+    assert info["none"][0]["in_sync"] is False
+    assert any(not torch.equal(w["none"][0][k], w["none"][1][k]) for k in stats)
+    for mode in ("reduce", "broadcast"):
+        assert info[mode][0]["in_sync"] is True and info[mode][1]["in_sync"] is True
+        for k in w[mode][0]:
+            assert torch.equal(w[mode][0][k], w[mode][1][k]), f"{mode}: ranks differ in {k}"
+            if k not in stats:  # the training is the same: weights, num_batches_tracked
+                assert torch.equal(w[mode][0][k], w["none"][0][k]), f"{mode} changed {k}"
+    for k in stats:
+        # The update rule is linear: the mean of the ranks' statistics, whenever averaged.
+        mean = (w["none"][0][k].double() + w["none"][1][k].double()) / 2
+        torch.testing.assert_close(
+            w["reduce"][0][k].double(), mean, rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}"
+        )
+        # Rank 0's own statistics, bit for bit.
+        assert torch.equal(w["broadcast"][0][k], w["none"][0][k]), k
+    # Rank 0 writes the checkpoint: the synchronised statistics.
+    ck = load_checkpoint(results / "reduce" / "checkpoints")
+    for k in stats:
+        assert torch.equal(ck.weights[k], w["reduce"][0][k]), k
 
 
 def test_torchrun_cli(fmnist_dir, tmp_path) -> None:

@@ -269,6 +269,16 @@ class TrainConfig:
         stop_after_steps: end this run (this invocation) after this many
             optimizer steps, saving a checkpoint, without changing the
             schedule; a later ``--resume`` continues (time-boxed jobs).
+        dist_bn: DDP: how the BatchNorm running statistics (``running_mean``
+            / ``running_var``, which every rank updates from its own share of
+            the batch) are made identical on all ranks before every evaluation,
+            every checkpoint and at the end: ``"reduce"`` (their mean over the
+            ranks; timm's ``--dist-bn reduce``), ``"broadcast"`` (rank 0's) or
+            ``"none"`` (left per rank: evaluation shards then use different
+            statistics and the end-of-run check reports the ranks as diverged).
+            Of the model and of its EMA. Training itself (batch statistics,
+            weights) is the same with each; on CUDA the layers are
+            SyncBatchNorm (batch statistics over all ranks) as well.
         tensorboard: write TensorBoard events (needs the ``tensorboard`` package).
         plots: write PNG plots at the end (needs ``matplotlib``).
         progress: a progress bar on a terminal (otherwise, and when stderr is
@@ -288,6 +298,7 @@ class TrainConfig:
     keep: int = 2
     save_every_steps: int | None = None
     stop_after_steps: int | None = None
+    dist_bn: str = "reduce"
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
@@ -296,6 +307,7 @@ class TrainConfig:
         check_config_finite("train", self)
         check_config_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
         check_config_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        check_config_choice("train.dist_bn", self.dist_bn, ("reduce", "broadcast", "none"))
         for key in ("epochs", "eval_every", "log_every"):
             check_config_range(f"train.{key}", getattr(self, key), 1)
         check_config_range("train.keep", self.keep, 0)

@@ -42,8 +42,23 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["DistInfo", "all_reduce_sum", "cleanup_distributed", "init_distributed"]
+__all__ = [
+    "DIST_BN_MODES",
+    "DistInfo",
+    "all_reduce_sum",
+    "cleanup_distributed",
+    "init_distributed",
+    "sync_norm_stats",
+]
+
+#: The choices of ``train.dist_bn`` (see :func:`sync_norm_stats`).
+DIST_BN_MODES = ("reduce", "broadcast", "none")
+
+#: The buffers :func:`sync_norm_stats` makes equal: BatchNorm's (and any norm layer's
+#: that follows its names) running statistics.
+_NORM_STATS = ("running_mean", "running_var")
 
 
 @dataclass(frozen=True)
@@ -203,3 +218,54 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+@torch.no_grad()
+def sync_norm_stats(model: nn.Module, info: DistInfo, mode: str) -> int:
+    """Make the normalisation running statistics of ``model`` the same on every rank.
+
+    DDP keeps parameters equal, but a BatchNorm layer's ``running_mean`` and
+    ``running_var`` follow the batches of its own rank (SyncBatchNorm, which
+    would share the batch statistics, supports only GPUs: torch 2.14.1 refuses
+    CPU tensors). Before an evaluation or a checkpoint they are averaged
+    (``"reduce"``, timm's ``--dist-bn reduce``) or copied from rank 0
+    (``"broadcast"``). Both update rules are linear, so the mean of the ranks'
+    statistics is also the statistics of the mean of their batch statistics.
+    The mean is taken in float64 and rounded once: statistics that are equal on
+    all ranks (SyncBatchNorm) stay bit-for-bit as they are. Every rank must
+    call this at the same point (it is a collective).
+
+    Args:
+        model: the module (not its DDP wrapper); its buffers are updated in place.
+        info: where this process stands (nothing happens for one process).
+        mode: ``"reduce"``, ``"broadcast"`` or ``"none"`` (nothing happens).
+
+    Returns:
+        How many buffers were synchronised.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`DIST_BN_MODES`.
+    """
+    if mode not in DIST_BN_MODES:
+        raise ValueError(f"dist_bn must be one of {list(DIST_BN_MODES)}, got {mode!r}")
+    if not info.distributed or mode == "none":
+        return 0
+    bufs = [
+        b
+        for name, b in model.named_buffers()
+        if name.rsplit(".", 1)[-1] in _NORM_STATS and b.is_floating_point()
+    ]
+    if not bufs:
+        return 0
+    # One collective for all of them (float64 holds every float dtype's values exactly).
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in bufs])
+    if mode == "reduce":
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= info.world_size
+    else:
+        dist.broadcast(flat, src=0)
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+    return len(bufs)

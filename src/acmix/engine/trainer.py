@@ -7,7 +7,8 @@
   processes, so ``W`` processes see the same global batches as one);
 * the model from timm (``acmix list-models``), optional ``channels_last``,
   ``torch.compile``, gradient checkpointing, DDP (gloo on CPU, NCCL on CUDA;
-  SyncBatchNorm only on CUDA);
+  SyncBatchNorm on CUDA; the BatchNorm running statistics made equal on all
+  ranks before every evaluation and checkpoint, ``train.dist_bn``);
 * timm's optimizers (layer decay too) and schedulers, stepped per update, AMP (bf16 autocast on
   CPU or GPU, fp16 with gradient scaling on GPU), gradient clipping, EMA,
   mixup / cutmix, label smoothing;
@@ -71,7 +72,13 @@ from acmix.engine.checkpoint import (
     set_rng_state,
 )
 from acmix.engine.config import Config, ConfigError, ModelConfig, config_to_dict
-from acmix.engine.distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
+from acmix.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    cleanup_distributed,
+    init_distributed,
+    sync_norm_stats,
+)
 from acmix.engine.evaluate import evaluate
 from acmix.engine.metrics import MetricsLogger, plot_alpha_beta, plot_curves
 from acmix.engine.optim import LRSchedule, build_optimizer, peak_lr
@@ -355,6 +362,7 @@ class _Trainer:
         self.step = 0
         self.best_top1 = -1.0
         self.last_saved = -1
+        self.norm_synced = -1  # the step at which the BN statistics were last made equal
         self.last_manifest: Path | None = None
         if info.is_main:
             for p in clean_checkpoint_dir(self.ckpt_dir):
@@ -364,7 +372,12 @@ class _Trainer:
         ddp: nn.Module = model
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
-            ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # No buffer broadcast before every forward: each rank's BN statistics follow
+            # its own batches and train.dist_bn combines them (the mean of all ranks'
+            # with "reduce", not rank 0's alone) before evaluations and checkpoints.
+            ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, broadcast_buffers=False
+            )
         self.fwd = torch.compile(ddp) if cfg.model.compile else ddp
         self.metrics = MetricsLogger(self.out, cfg.train.tensorboard, enabled=info.is_main)
         if self.step:
@@ -424,6 +437,7 @@ class _Trainer:
         if self.last_saved == self.step and tags == ("last",):
             return self.last_manifest
         self.last_saved = self.step
+        self._sync_norm_stats()
         if not self.info.is_main:
             return None
         self._check_finite_weights()
@@ -511,8 +525,22 @@ class _Trainer:
         n = self.cfg.train.stop_after_steps
         return n is not None and self.step - self.start_step >= n
 
+    def _sync_norm_stats(self) -> None:
+        """DDP: the model's and the EMA's BN running statistics equal on all ranks (a collective).
+
+        Called (on every rank) before each evaluation and checkpoint and at the end;
+        once per step: the statistics change only in training steps.
+        """
+        if self.norm_synced == self.step:
+            return
+        self.norm_synced = self.step
+        sync_norm_stats(self.model, self.info, self.cfg.train.dist_bn)
+        if self.ema is not None:
+            sync_norm_stats(self.ema.module, self.info, self.cfg.train.dist_bn)
+
     def _evaluate(self) -> dict[str, float]:
         cfg, info = self.cfg, self.info
+        self._sync_norm_stats()  # every shard evaluated with the same statistics
         loader = self.data.val_loader(
             cfg.data.eval_batch_size, info.rank, info.world_size, cfg.data.workers, info.device
         )
@@ -729,6 +757,7 @@ class _Trainer:
         """DDP: are the weights and buffers bit-identical on every rank? (``None``: one process)."""
         if not self.info.distributed:
             return None
+        self._sync_norm_stats()
         bad = torch.zeros((), device=self.info.device)
         for t in self.model.state_dict().values():
             ref = t.detach().clone()
