@@ -78,6 +78,7 @@ def fmnist_dir(tmp_path_factory) -> Path:
     return make_fake_fmnist(tmp_path_factory.mktemp("fmnist"), n_train=48, n_test=21)
 
 
+@pytest.mark.slow  # spawns 2+ processes: 15-30 s here
 def test_two_processes_match_one(fmnist_dir, tmp_path) -> None:
     base = [*DDP_RUN, f"data.data_dir={fmnist_dir}"]
     single = train(load_config(None, [*base, f"train.output={tmp_path / 'one'}"]), log=print)
@@ -140,6 +141,7 @@ def test_dist_bn_is_validated() -> None:
         load_config(None, ["train.dist_bn=mean"])
 
 
+@pytest.mark.slow  # spawns 2+ processes: 15-30 s here
 def test_batchnorm_ranks_in_sync(fmnist_dir, tmp_path) -> None:
     """BatchNorm on CPU (no SyncBatchNorm there): train.dist_bn makes the running statistics
     equal on the ranks, their mean (``reduce``, the default) or rank 0's (``broadcast``),
@@ -183,6 +185,7 @@ def test_batchnorm_ranks_in_sync(fmnist_dir, tmp_path) -> None:
         assert torch.equal(ck.weights[k], w["reduce"][0][k]), k
 
 
+@pytest.mark.slow  # spawns 2+ processes: 15-30 s here
 def test_torchrun_cli(fmnist_dir, tmp_path) -> None:
     """`torchrun --nproc-per-node 2 -m acmix train ...` (static rendezvous on 127.0.0.1)."""
     port = _free_port()
