@@ -15,11 +15,30 @@ from safetensors.torch import load_file
 from acmix.engine import checkpoint as ckpt
 from acmix.engine.checkpoint import (
     CheckpointError,
+    ModelDescription,
     atomic_write_bytes,
     get_rng_state,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
+)
+
+#: A description for the fake weights below (checkpoint tests never build the model).
+DESC = ModelDescription(
+    architecture="acmix_tiny",
+    model_args={"stem_stride": 2, "widths": [8, 16, 16, 32], "depths": [1, 1, 1, 1]},
+    num_classes=10,
+    in_chans=1,
+    input_size=(1, 28, 28),
+    mean=(0.286,),
+    std=(0.353,),
+    crop_pct=1.0,
+    crop_mode="squash",
+    interpolation="bilinear",
+    img_mode="L",
+    label_names=tuple(f"c{i}" for i in range(10)),
+    num_features=32,
 )
 
 
@@ -191,13 +210,24 @@ def _flip(path, pos: int, bit: int) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("which", ["weights", "state", "manifest", "last", "best"])
+@pytest.mark.parametrize("which", ["weights", "ema", "config", "state", "manifest", "last", "best"])
 def test_a_flipped_bit_in_any_checkpoint_file_is_an_error_naming_it(tmp_path, which) -> None:
     info = {"metrics": {"top1": 9.5}, "data": {"mean": [0.2860], "std": [0.3530]}}
-    path = save_checkpoint(tmp_path, 5, _weights(1.0), _state(5), tags=("last", "best"), info=info)
+    path = save_checkpoint(
+        tmp_path,
+        5,
+        _weights(1.0),
+        _state(5),
+        tags=("last", "best"),
+        info=info,
+        ema=_weights(0.5),
+        description=DESC,
+    )
     files = json.loads(path.read_text())["files"]
     target, entry = {
         "weights": (tmp_path / files["weights"]["file"], tmp_path / "last.json"),
+        "ema": (tmp_path / files["ema"]["file"], tmp_path / "last.json"),
+        "config": (tmp_path / files["config"]["file"], tmp_path / "last.json"),
         "state": (tmp_path / files["state"]["file"], tmp_path / "last.json"),
         "manifest": (path, path),
         "last": (tmp_path / "last.json", tmp_path),
@@ -210,7 +240,7 @@ def test_a_flipped_bit_in_any_checkpoint_file_is_an_error_naming_it(tmp_path, wh
     for pos in positions:
         original = _flip(target, pos, rng.randrange(8))
         with pytest.raises(CheckpointError) as e:
-            load_checkpoint(entry, weights_only=which != "state")
+            load_checkpoint(entry, weights_only=which != "state", ema=which == "ema")
         assert str(target) in str(e.value), (pos, str(e.value))
         target.write_bytes(original)
     assert load_checkpoint(entry).manifest["data"]["mean"] == [0.2860]
@@ -308,3 +338,184 @@ def test_checkpoint_files_respect_the_umask(tmp_path) -> None:
 def test_a_failed_write_names_the_file(tmp_path) -> None:
     with pytest.raises(OSError, match=f"cannot write {tmp_path / 'no' / 'f.bin'}"):
         atomic_write_bytes(tmp_path / "no" / "f.bin", b"x")
+
+
+# -- self-describing files, the EMA file, one resolver, timm's .pth.tar ---------------------------
+
+
+def _st_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_every_weights_file_and_the_config_describe_the_model(tmp_path) -> None:
+    path = save_checkpoint(
+        tmp_path, 5, _weights(1.0), _state(5), ema=_weights(0.5), description=DESC
+    )
+    files = json.loads(path.read_text())["files"]
+    assert sorted(files) == ["config", "ema", "state", "weights"]
+    assert files["ema"]["file"] == "ckpt-00000005.ema.safetensors"
+    assert files["config"]["file"] == "ckpt-00000005.config.json"
+    for kind in ("weights", "ema"):
+        meta = _st_metadata(tmp_path / files[kind]["file"])
+        assert meta["weights"] == ("model" if kind == "weights" else kind)
+        assert meta["architecture"] == "acmix_tiny" and meta["num_classes"] == "10"
+        assert meta["in_chans"] == "1" and json.loads(meta["input_size"]) == [1, 28, 28]
+        assert json.loads(meta["mean"]) == [0.286] and json.loads(meta["std"]) == [0.353]
+        assert meta["crop_pct"] == "1.0" and meta["interpolation"] == "bilinear"
+        assert json.loads(meta["model_args"])["stem_stride"] == 2 and meta["img_mode"] == "L"
+        assert meta["format"] == "pt" and meta["step"] == "5"
+        # Each file alone describes itself (and says which weights it holds).
+        alone = load_checkpoint(tmp_path / files[kind]["file"])
+        assert alone.description == DESC and alone.weights_are_ema == (kind == "ema")
+    # timm's hub layout: only PretrainedCfg fields under pretrained_cfg; num_classes at the top.
+    cfg = json.loads((tmp_path / files["config"]["file"]).read_text())
+    assert cfg["architecture"] == "acmix_tiny" and cfg["num_classes"] == 10
+    assert cfg["model_args"] == {**DESC.model_args, "in_chans": 1}
+    assert cfg["label_names"] == list(DESC.label_names) and cfg["num_features"] == 32
+    from timm.models import PretrainedCfg
+
+    PretrainedCfg(**cfg["pretrained_cfg"])  # every key is one timm knows
+    assert cfg["pretrained_cfg"]["input_size"] == [1, 28, 28]
+    assert cfg["pretrained_cfg"]["crop_mode"] == "squash"
+    ck = load_checkpoint(tmp_path, weights_only=True, ema=True)
+    assert ck.description == DESC and ck.state is None
+    for k, v in _weights(0.5).items():
+        assert torch.equal(ck.ema[k], v)
+    assert load_checkpoint(tmp_path, weights_only=True).ema is None  # read only when asked
+
+
+def test_ema_of_older_checkpoints_comes_from_the_state(tmp_path) -> None:
+    save_checkpoint(tmp_path, 1, _weights(1.0), {**_state(1), "ema": _weights(0.25)})
+    ck = load_checkpoint(tmp_path, weights_only=True, ema=True)
+    assert torch.equal(ck.ema["a.weight"], _weights(0.25)["a.weight"]) and ck.description is None
+    assert _st_metadata(tmp_path / "ckpt-00000001.safetensors")["step"] == "1"
+
+
+def test_pruning_and_cleaning_cover_the_ema_and_config_files(tmp_path) -> None:
+    for step in (1, 2, 3):
+        save_checkpoint(
+            tmp_path, step, _weights(step), _state(step), keep=1, ema=_weights(0), description=DESC
+        )
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    suffixes = (".config.json", ".ema.safetensors", ".json", ".safetensors", ".state.pt")
+    assert names == sorted(["last.json", *(f"ckpt-00000003{x}" for x in suffixes)])
+    junk = [tmp_path / "ckpt-00000004.ema.safetensors", tmp_path / "ckpt-00000004.config.json"]
+    for p in junk:
+        p.write_bytes(b"{}")  # a crash after these, before their manifest
+    assert sorted(ckpt.clean_checkpoint_dir(tmp_path)) == sorted(junk)
+
+
+def test_one_resolver_for_every_kind_of_path(tmp_path) -> None:
+    run = tmp_path / "run"
+    d = run / "checkpoints"
+    save_checkpoint(d, 2, _weights(1.0), _state(2), tags=("last", "best"), description=DESC)
+    assert resolve_checkpoint(run) == d / "last.json"
+    assert resolve_checkpoint(d) == d / "last.json"
+    assert resolve_checkpoint(d / "best") == d / "best.json"  # a tag without .json
+    assert resolve_checkpoint(d / "ckpt-00000002.config.json") == d / "ckpt-00000002.json"
+    assert resolve_checkpoint(d / "ckpt-00000002.safetensors") == d / "ckpt-00000002.safetensors"
+    with pytest.raises(CheckpointError, match=r"training state .* pass its manifest .*0002\.json"):
+        resolve_checkpoint(d / "ckpt-00000002.state.pt")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"notes\.txt: not a checkpoint file type '\.txt'"):
+        resolve_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope .*a run directory"):
+        resolve_checkpoint(tmp_path / "nope")
+    # A directory without last.json names what it holds.
+    (d / "last.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .*ckpt-00000002\.json"):
+        resolve_checkpoint(run)
+    # A Hugging Face style folder: config.json + model.safetensors.
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes((d / "ckpt-00000002.safetensors").read_bytes())
+    (hf / "config.json").write_bytes(DESC.to_config_bytes())
+    assert resolve_checkpoint(hf) == hf / "model.safetensors"
+    assert resolve_checkpoint(hf / "config.json") == hf / "model.safetensors"
+    assert load_checkpoint(hf).description == DESC
+
+
+def _timm_checkpoint(weights: dict, **args) -> dict:
+    """What timm's train.py saves (CheckpointSaver._save), with a pickled argparse.Namespace."""
+    import argparse
+
+    return {
+        "epoch": 3,
+        "arch": args.get("model", "acmix_tiny"),
+        "state_dict": {f"module.{k}": v for k, v in weights.items()},
+        "state_dict_ema": dict(weights),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "version": 2,
+        "args": argparse.Namespace(**args),
+        "metric": 12.5,
+        "saver": {"checkpoint_files": [("checkpoint-3.pth.tar", 12.5)], "pending": (3, 12.5)},
+    }
+
+
+def test_timm_pth_tar_is_read_safely_with_its_description(tmp_path) -> None:
+    path = tmp_path / "model_best.pth.tar"
+    args = dict(
+        model="acmix_tiny",
+        num_classes=None,  # from the classifier's shape
+        in_chans=1,
+        input_size=None,
+        img_size=32,
+        mean=[0.5],
+        std=None,  # the architecture's default (ImageNet, averaged for one channel)
+        crop_pct=None,
+        interpolation="",
+        model_kwargs={"stem_stride": 2},
+    )
+    weights = {"fc.weight": torch.zeros(7, 4), "fc.bias": torch.zeros(7)}
+    torch.save(_timm_checkpoint(weights, **args), path)
+    ck = load_checkpoint(path, ema=True)
+    assert ck.kind == "timm" and ck.state is None and ck.manifest == {"epoch": 3}
+    assert sorted(ck.weights) == ["fc.bias", "fc.weight"]  # module. stripped
+    assert ck.ema is not None and sorted(ck.ema) == ["fc.bias", "fc.weight"]
+    d = ck.description
+    assert (d.architecture, d.num_classes, d.in_chans) == ("acmix_tiny", 7, 1)
+    assert d.model_args == {"stem_stride": 2} and d.input_size == (1, 32, 32)
+    assert d.mean == (0.5,) and d.std == pytest.approx(((0.229 + 0.224 + 0.225) / 3,))
+    assert d.crop_pct == 0.875 and d.interpolation == "bilinear"  # acmix_tiny's pretrained_cfg
+    # 'arch' that timm does not know and no args: weights, but no description.
+    raw = _timm_checkpoint(weights)
+    del raw["args"]
+    raw["arch"] = "acmixresnet"
+    torch.save(raw, path)
+    ck = load_checkpoint(path)
+    assert ck.description is None and ck.arch_hint == "acmixresnet"
+
+
+def test_pth_tar_with_other_objects_is_refused(tmp_path) -> None:
+    import argparse
+
+    path = tmp_path / "evil.pth.tar"
+    raw = _timm_checkpoint({"w": torch.ones(1)}, model="acmix_tiny")
+    raw["args"] = argparse.Namespace(model="acmix_tiny", payload=Evil())
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=r"evil\.pth\.tar.*not a readable checkpoint"):
+        load_checkpoint(path)
+    torch.save([torch.ones(1)], path)
+    with pytest.raises(CheckpointError, match="holds a list, expected a state dict"):
+        load_checkpoint(path)
+
+
+def test_malformed_descriptions_are_named(tmp_path) -> None:
+    bad = dict(DESC.to_metadata(), num_classes="ten")
+    path = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(_weights(1.0), str(path), metadata=bad)
+    with pytest.raises(
+        CheckpointError, match=r"w\.safetensors: safetensors metadata 'num_classes'"
+    ):
+        load_checkpoint(path)
+    cfg = DESC.to_config()
+    cfg["pretrained_cfg"]["mean"] = "0.5"
+    with pytest.raises(CheckpointError, match="config.json: mean must be a list of numbers"):
+        ModelDescription.from_config(cfg, "config.json")
+    with pytest.raises(CheckpointError, match="no 'architecture'"):
+        ModelDescription.from_config({"num_classes": 3}, "config.json")

@@ -1,12 +1,20 @@
 """Crash-safe checkpoints: safetensors weights + a tensors-only training state + a JSON manifest.
 
-A checkpoint at global step ``N`` in ``DIR`` is three files::
+A checkpoint at global step ``N`` in ``DIR`` is up to five files::
 
-    DIR/ckpt-0000000N.safetensors   model weights (loadable by timm / safetensors alone)
-    DIR/ckpt-0000000N.state.pt      optimizer, scheduler, scaler, EMA, RNG, epoch, step
-    DIR/ckpt-0000000N.json          manifest: sizes and SHA-256 of both, step, metrics, config
+    DIR/ckpt-0000000N.safetensors      model weights (loadable by timm / safetensors alone)
+    DIR/ckpt-0000000N.ema.safetensors  EMA weights (runs with train.ema_decay)
+    DIR/ckpt-0000000N.config.json      timm / Hugging Face hub config of the weights
+    DIR/ckpt-0000000N.state.pt         optimizer, scheduler, scaler, RNG, epoch, step
+    DIR/ckpt-0000000N.json             manifest: sizes and SHA-256 of the others, step,
+                                       metrics, config
 
 and the tags ``DIR/last.json`` / ``DIR/best.json`` are copies of a manifest.
+Both weights files carry the model's description
+(:class:`~acmix.engine.description.ModelDescription`: architecture, kwargs,
+classes, input channels and size, normalisation, crop, interpolation) in
+their safetensors header, and the ``.config.json`` holds it in timm's hub
+layout, so each file alone rebuilds the network and its preprocessing.
 A manifest carries its own checksum (``manifest_sha256``: the SHA-256 of the
 file's bytes with that field's value written as 64 zeros), so every file a
 checkpoint consists of -- weights, state, manifest, tag -- is verified.
@@ -23,6 +31,14 @@ file raises :class:`CheckpointError` naming it. The state file is read with
 ``torch.load(weights_only=True)`` (tensors and plain containers only), so
 loading never unpickles arbitrary objects.
 
+:func:`resolve_checkpoint` is the one way every command finds a checkpoint:
+a run directory, its ``checkpoints/`` directory, a manifest or tag (with or
+without ``.json``), a ``.safetensors`` file, a Hugging Face style folder
+(``config.json`` + ``model.safetensors``), or a PyTorch file -- timm's
+``train.py`` checkpoints (``.pth.tar``: ``state_dict``, ``state_dict_ema``,
+``arch``, ``args``) included, read with ``weights_only=True`` and only
+``argparse.Namespace`` allowed besides tensors and plain values.
+
 Saving holds an exclusive lock on ``DIR/.lock``
 (:func:`acmix.utils.io.exclusive_lock`), so processes saving into one
 directory take turns: the choice of file names, the manifest and the tags
@@ -35,12 +51,14 @@ writing them and their manifest). A save that fails removes what it wrote.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
 import os
 import pickle
 import random
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +70,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from acmix.utils.io import CheckpointError, atomic_write_bytes, exclusive_lock
+from acmix.engine.description import ModelDescription
+from acmix.utils.io import (
+    CheckpointError,
+    atomic_write_bytes,
+    exclusive_lock,
+    load_checkpoint_file,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "ModelDescription",
     "atomic_write_bytes",
     "clean_checkpoint_dir",
     "get_rng_state",
@@ -70,7 +96,20 @@ __all__ = [
 ]
 
 #: 2: the manifest carries its own checksum (1: it did not; still read, unverified).
+#: A version 2 manifest may also name ``ema`` and ``config`` files (older acmix ignores them).
 FORMAT_VERSION = 2
+
+#: The files of a checkpoint: manifest ``files`` entry -> file name suffix after the stem.
+FILE_SUFFIXES: dict[str, str] = {
+    "weights": ".safetensors",
+    "ema": ".ema.safetensors",
+    "config": ".config.json",
+    "state": ".state.pt",
+}
+_REQUIRED = ("weights", "state")
+
+#: PyTorch files a checkpoint may be (timm's train.py writes ``.pth.tar``).
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt")
 
 #: How long a save waits for another process saving into the same directory.
 LOCK_TIMEOUT_S = 300.0
@@ -88,12 +127,44 @@ class Checkpoint:
         state: training state (``None`` when only weights were given).
         manifest: the manifest (``{}`` when only weights were given).
         path: the manifest or weights file it came from.
+        description: the network and preprocessing the weights are for
+            (``None``: the file does not say; older safetensors files, plain
+            state dicts).
+        ema: the EMA weights, when asked for and present.
+        kind: ``"acmix"`` (a manifest), ``"safetensors"``, ``"timm"`` (a
+            ``train.py`` checkpoint) or ``"torch"`` (another PyTorch file).
+        weights_are_ema: ``weights`` are EMA weights (a ``.ema.safetensors`` file).
+        arch_hint: a name the file gave that is not a registered model (timm's
+            ``arch`` without ``args``), for error messages.
     """
 
     weights: dict[str, torch.Tensor]
     state: dict[str, Any] | None
     manifest: dict[str, Any]
     path: Path
+    description: ModelDescription | None = None
+    ema: dict[str, torch.Tensor] | None = None
+    kind: str = "acmix"
+    weights_are_ema: bool = False
+    arch_hint: str | None = None
+
+    def summary(self) -> str:
+        """One line saying what was found: the file, its kind, step / epoch, which weights."""
+        what = {
+            "acmix": "acmix checkpoint",
+            "safetensors": "safetensors weights",
+            "timm": "timm training checkpoint",
+            "torch": "PyTorch state dict",
+        }[self.kind]
+        where = []
+        if "step" in self.manifest:
+            where.append(f"step {self.manifest['step']}")
+        if "epoch" in self.manifest:
+            where.append(f"epoch {self.manifest['epoch']}")
+        text = f"{what} {self.path}" + (f" ({', '.join(where)})" if where else "")
+        if self.weights_are_ema:
+            text += ", EMA weights"
+        return text
 
 
 # -- RNG state (tensors and plain values only) ------------------------------------------------
@@ -187,6 +258,8 @@ def save_checkpoint(
     tags: tuple[str, ...] = ("last",),
     keep: int = 2,
     info: Mapping[str, Any] | None = None,
+    ema: Mapping[str, torch.Tensor] | None = None,
+    description: ModelDescription | None = None,
 ) -> Path:
     """Write a checkpoint of global step ``step`` and point ``tags`` at it.
 
@@ -198,6 +271,9 @@ def save_checkpoint(
         tags: tag files to (re)point at this checkpoint (``"last"``, ``"best"``).
         keep: step checkpoints to keep (newest first) besides tagged ones.
         info: extra JSON-serialisable manifest entries (config, metrics, data).
+        ema: EMA weights, written as their own ``.ema.safetensors`` file.
+        description: the network and preprocessing: written into the header
+            of both weights files and as the ``.config.json`` (timm's hub layout).
 
     Returns:
         The manifest path.
@@ -211,10 +287,17 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    w_bytes = st_save(_cpu_tensors(weights), metadata={"format": "acmix", "step": str(step)})
+    meta = {"format": "pt", "producer": "acmix", "step": str(step)}
+    if description is not None:
+        meta.update(description.to_metadata())
+    blobs = {"weights": st_save(_cpu_tensors(weights), metadata={**meta, "weights": "model"})}
+    if ema is not None:
+        blobs["ema"] = st_save(_cpu_tensors(ema), metadata={**meta, "weights": "ema"})
+    if description is not None:
+        blobs["config"] = description.to_config_bytes()
     buf = io.BytesIO()
     torch.save(dict(state), buf)
-    s_bytes = buf.getvalue()
+    blobs["state"] = buf.getvalue()
     with exclusive_lock(
         directory / ".lock", what=f"checkpoint directory {directory}", timeout=LOCK_TIMEOUT_S
     ):
@@ -226,11 +309,8 @@ def save_checkpoint(
         written: list[Path] = []
         try:
             files = {}
-            for kind, suffix, data in (
-                ("weights", ".safetensors", w_bytes),
-                ("state", ".state.pt", s_bytes),
-            ):
-                name = stem + suffix
+            for kind, data in blobs.items():
+                name = stem + FILE_SUFFIXES[kind]
                 written.append(directory / name)
                 files[kind] = {
                     "file": name,
@@ -264,9 +344,12 @@ def _referenced(directory: Path) -> tuple[set[str], set[str]]:
     tagged: set[str] = set()
     names: set[str] = set()
     for js in directory.glob("*.json"):
+        if js.name.endswith(FILE_SUFFIXES["config"]):
+            continue
         try:
             files = json.loads(js.read_bytes())["files"]
-            refs = [files[kind]["file"] for kind in ("weights", "state")]
+            refs = [files[kind]["file"] for kind in _REQUIRED]
+            refs += [files[kind]["file"] for kind in FILE_SUFFIXES if kind in files]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         names.update(r for r in refs if isinstance(r, str))
@@ -275,13 +358,20 @@ def _referenced(directory: Path) -> tuple[set[str], set[str]]:
     return tagged, names
 
 
+def _manifest_stems(directory: Path) -> set[str]:
+    """Stems of the step manifests ``ckpt-*.json`` (not the ``.config.json`` files)."""
+    return {
+        p.name[: -len(".json")] for p in directory.glob("ckpt-*.json") if p.name.count(".") == 1
+    }
+
+
 def _prune(directory: Path, keep: int) -> None:
     tagged, _ = _referenced(directory)
-    stems = sorted({p.name.split(".")[0] for p in directory.glob("ckpt-*.json")}, reverse=True)
+    stems = sorted(_manifest_stems(directory), reverse=True)
     for stem in stems[keep:]:
         if stem in tagged:
             continue
-        for suffix in (".json", ".safetensors", ".state.pt"):
+        for suffix in (".json", *FILE_SUFFIXES.values()):
             (directory / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
@@ -289,8 +379,8 @@ def _clean(directory: Path) -> list[Path]:
     """Remove crashed writers' temp files and unreferenced weights / state (lock held)."""
     removed = list(directory.glob(".*.tmp"))  # atomic_write_bytes's temp names
     _, names = _referenced(directory)
-    manifests = {p.name.split(".")[0] for p in directory.glob("ckpt-*.json")}
-    for pattern in ("ckpt-*.safetensors", "ckpt-*.state.pt"):
+    manifests = _manifest_stems(directory)
+    for pattern in ("ckpt-*.safetensors", "ckpt-*.state.pt", "ckpt-*.config.json"):
         for p in directory.glob(pattern):
             # A manifest that cannot be read still keeps its own stem's files.
             if p.name not in names and p.name.split(".")[0] not in manifests:
@@ -323,19 +413,75 @@ def clean_checkpoint_dir(directory: str | os.PathLike) -> list[Path]:
 # -- load ---------------------------------------------------------------------------------------
 
 
+_KINDS_HELP = (
+    "a run directory, its checkpoints/ directory, a manifest or tag (.json), a .safetensors "
+    "file, a folder with config.json + model.safetensors, or a PyTorch file (.pth.tar / .pth / "
+    ".pt / .bin: timm's train.py checkpoints, state dicts)"
+)
+
+
+def _is_torch_file(p: Path) -> bool:
+    return p.suffix.lower() in TORCH_SUFFIXES
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run / checkpoint directory (-> its ``last.json``), a manifest or a weights file."""
+    """The one file a checkpoint path names; every command finds checkpoints this way.
+
+    * a run directory -> ``checkpoints/last.json``; a checkpoint directory -> ``last.json``;
+      a folder in the Hugging Face / timm layout -> its ``model.safetensors``;
+    * a tag or manifest given without ``.json`` (``runs/x/checkpoints/best``) -> that file;
+    * a ``ckpt-N.config.json`` -> its manifest ``ckpt-N.json``; a ``config.json`` -> the
+      ``model.safetensors`` beside it;
+    * a manifest / tag ``.json``, a ``.safetensors`` file or a PyTorch file: itself.
+
+    Raises:
+        CheckpointError: nothing there, or nothing that is a checkpoint (the
+            message says what was looked for and what the path holds).
+    """
     p = Path(path)
     if p.is_dir():
-        for cand in (p / "last.json", p / "checkpoints" / "last.json"):
+        for cand in (p / "last.json", p / "checkpoints" / "last.json", p / "model.safetensors"):
             if cand.is_file():
                 return cand
-        raise CheckpointError(
-            f"no checkpoint in {p} (expected {p}/last.json or checkpoints/last.json)"
+        found = sorted(
+            f.name
+            for d in (p, p / "checkpoints")
+            if d.is_dir()
+            for f in d.iterdir()
+            if f.suffix == ".safetensors" or _is_torch_file(f) or _manifest_stems(d) & {f.stem}
         )
+        hint = (
+            f"; it holds {', '.join(found[:6])}{' ...' if len(found) > 6 else ''}: pass one of them"
+            if found
+            else ""
+        )
+        raise CheckpointError(
+            f"no checkpoint in {p} (expected {p}/last.json, {p}/checkpoints/last.json or "
+            f"{p}/model.safetensors){hint}"
+        )
+    if not p.exists():
+        tag = p.with_name(p.name + ".json")
+        if tag.is_file():
+            return tag
+        raise CheckpointError(f"checkpoint not found: {p} (expected {_KINDS_HELP})")
     if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    return p
+        raise CheckpointError(f"{p} is not a file or directory (expected {_KINDS_HELP})")
+    name = p.name
+    if name.endswith(FILE_SUFFIXES["config"]):
+        manifest = p.with_name(name[: -len(FILE_SUFFIXES["config"])] + ".json")
+        if manifest.is_file():
+            return manifest
+        raise CheckpointError(f"{p} is a model config; its manifest {manifest} is missing")
+    if name == "config.json" and (p.parent / "model.safetensors").is_file():
+        return p.parent / "model.safetensors"
+    if name.endswith(FILE_SUFFIXES["state"]):
+        raise CheckpointError(
+            f"{p} is a training state (optimizer, RNG), not model weights: pass its manifest "
+            f"{p.with_name(name[: -len(FILE_SUFFIXES['state'])] + '.json')} or the run directory"
+        )
+    if p.suffix in (".json", ".safetensors") or _is_torch_file(p):
+        return p
+    raise CheckpointError(f"{p}: not a checkpoint file type {p.suffix!r} (expected {_KINDS_HELP})")
 
 
 def _read_manifest(p: Path) -> dict[str, Any]:
@@ -367,7 +513,8 @@ def _read_manifest(p: Path) -> dict[str, Any]:
                 "does not match its contents"
             )
     files = manifest.get("files")
-    for kind in ("weights", "state"):
+    optional = [k for k in FILE_SUFFIXES if k not in _REQUIRED and isinstance(files, dict)]
+    for kind in [*_REQUIRED, *(k for k in optional if k in files)]:
         entry = files.get(kind) if isinstance(files, dict) else None
         if not (
             isinstance(entry, dict)
@@ -398,39 +545,110 @@ def _read_verified(path: Path, entry: Mapping[str, Any]) -> bytes:
 
 
 def _parse_weights(data: bytes, path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return dict(st_load(data))
+    try:  # sorted by name, as safetensors.torch.load_file gives them
+        return dict(sorted(st_load(data).items()))
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (``{}`` without one).
+
+    Raises:
+        CheckpointError: the header is not a safetensors header (names ``path``).
+    """
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (struct.error, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: not a readable safetensors file (bad __metadata__)")
+    return meta
+
+
+def _read_config(path: Path, entry: Mapping[str, Any]) -> ModelDescription:
+    data = _read_verified(path, entry)
+    try:
+        cfg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a model config (invalid JSON: {e})") from None
+    return ModelDescription.from_config(cfg, str(path))
+
+
+def _config_beside(p: Path) -> ModelDescription | None:
+    """The description beside a ``.safetensors`` file whose header has none, or ``None``.
+
+    ``X.config.json`` beside ``X.safetensors``, or the ``config.json`` of a
+    Hugging Face / timm folder (beside ``model.safetensors``; timm's
+    ``save_for_hf`` writes one).
+    """
+    stem = p.name[: -len(".safetensors")]
+    for cand in (p.with_name(stem + FILE_SUFFIXES["config"]), p.parent / "config.json"):
+        if cand.is_file() and (cand.name != "config.json" or p.name == "model.safetensors"):
+            try:
+                cfg = json.loads(cand.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise CheckpointError(f"{cand}: not a model config (invalid JSON: {e})") from None
+            return ModelDescription.from_config(cfg, str(cand))
+    return None
+
+
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Model weights of a checkpoint (manifest / directory: verified) or a ``.safetensors`` file."""
+    """Model weights of any checkpoint :func:`resolve_checkpoint` accepts (manifests verified)."""
     return load_checkpoint(path, weights_only=True).weights
 
 
-def load_checkpoint(path: str | os.PathLike, weights_only: bool = False) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, weights_only: bool = False, ema: bool = False
+) -> Checkpoint:
     """Load and verify a checkpoint.
 
     Args:
-        path: a run or checkpoint directory (its ``last.json``), a manifest
-            ``.json``, or a ``.safetensors`` weights file (no state).
+        path: anything :func:`resolve_checkpoint` accepts: a run or checkpoint
+            directory (its ``last.json``), a manifest or tag, a ``.safetensors``
+            file, a Hugging Face style folder, or a PyTorch file (timm's
+            ``.pth.tar``, a state dict; no training state).
         weights_only: skip the training state.
+        ema: also load the EMA weights (:attr:`Checkpoint.ema`; ``None`` when
+            the checkpoint has none): a manifest's ``.ema.safetensors`` (older
+            checkpoints: the state's ``ema``), timm's ``state_dict_ema``.
 
     Raises:
         CheckpointError: missing, truncated or corrupt files (named: the
-            manifest or tag itself, the weights, the state), or a state file
-            that holds anything but tensors and plain values.
+            manifest or tag itself, the weights, the EMA weights, the config,
+            the state), a state file that holds anything but tensors and plain
+            values, or a PyTorch file with other pickled objects than those
+            and ``argparse.Namespace``.
     """
     p = resolve_checkpoint(path)
     if p.suffix == ".safetensors":
-        return Checkpoint(_parse_weights(p.read_bytes(), p), None, {}, p)
+        data = p.read_bytes()
+        meta = safetensors_metadata(data, p)
+        ck = Checkpoint(_parse_weights(data, p), None, {}, p, kind="safetensors")
+        ck.description = ModelDescription.from_metadata(meta, str(p)) or _config_beside(p)
+        ck.weights_are_ema = meta.get("weights") == "ema"
+        if "step" in meta and meta["step"].isdigit():
+            ck.manifest = {"step": int(meta["step"])}
+        return ck
+    if p.suffix != ".json":
+        return _load_torch_file(p)
     manifest = _read_manifest(p)
     files = manifest["files"]
     w_path = p.parent / files["weights"]["file"]
-    weights = _parse_weights(_read_verified(w_path, files["weights"]), w_path)
+    w_data = _read_verified(w_path, files["weights"])
+    weights = _parse_weights(w_data, w_path)
+    if "config" in files:
+        description = _read_config(p.parent / files["config"]["file"], files["config"])
+    else:  # older checkpoints: the manifest's model / data sections
+        description = ModelDescription.from_metadata(
+            safetensors_metadata(w_data, w_path), str(w_path)
+        ) or ModelDescription.from_manifest(manifest)
     state = None
-    if not weights_only:
+    if not weights_only or (ema and "ema" not in files):
         s_path = p.parent / files["state"]["file"]
         data = _read_verified(s_path, files["state"])
         try:
@@ -439,4 +657,50 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool = False) -> Chec
             raise CheckpointError(
                 f"{s_path}: refusing to load (only tensors and plain values are allowed): {e}"
             ) from None
-    return Checkpoint(weights, state, manifest, p)
+    ema_weights = None
+    if ema and "ema" in files:
+        e_path = p.parent / files["ema"]["file"]
+        ema_weights = _parse_weights(_read_verified(e_path, files["ema"]), e_path)
+    elif ema and isinstance(state, dict) and state.get("ema"):
+        ema_weights = dict(state["ema"])  # checkpoints before the EMA had its own file
+    ck = Checkpoint(weights, state, manifest, p, description, ema_weights)
+    if weights_only and ck.state is not None:
+        ck.state = None
+    return ck
+
+
+def _load_torch_file(p: Path) -> Checkpoint:
+    """A PyTorch file: timm's ``train.py`` checkpoint, a wrapped or a plain state dict."""
+    try:
+        raw = load_checkpoint_file(p)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(
+            f"{p}: holds a {type(raw).__name__}, expected a state dict or a training "
+            "checkpoint (a dict with 'state_dict')"
+        )
+    wrapped = bool({"state_dict", "model"} & raw.keys())
+    try:
+        weights = unwrap_state_dict(raw if wrapped else raw.get("model_ema", raw))
+        ema_raw = raw.get("state_dict_ema", raw.get("model_ema")) if wrapped else None
+        ema = unwrap_state_dict(ema_raw) if isinstance(ema_raw, Mapping) else None
+    except ValueError as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    args = raw.get("args")
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    args = dict(args) if isinstance(args, Mapping) else {}
+    timm_file = "state_dict" in raw and ("arch" in raw or "args" in raw)
+    manifest = {"epoch": raw["epoch"]} if isinstance(raw.get("epoch"), int) else {}
+    ck = Checkpoint(weights, None, manifest, p, ema=ema, kind="timm" if timm_file else "torch")
+    if timm_file:
+        import timm
+
+        names = [n for n in (raw.get("arch"), args.get("model")) if isinstance(n, str) and n]
+        arch = next((n for n in names if timm.is_model(n)), None)
+        if arch is not None:
+            ck.description = ModelDescription.from_timm_args(arch, args, weights, str(p))
+        elif names:
+            ck.arch_hint = names[0]
+    return ck

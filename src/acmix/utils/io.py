@@ -244,11 +244,24 @@ def exclusive_lock(
 # -- reading checkpoints ----------------------------------------------------------------------
 
 
+def _namespace_allowed() -> contextlib.AbstractContextManager:
+    """Let ``torch.load(weights_only=True)`` rebuild ``argparse.Namespace`` (timm's ``args``).
+
+    A ``Namespace`` is a plain attribute holder: unpickling it runs no code of
+    the file, and its values are still limited to what ``weights_only`` allows.
+    """
+    import argparse
+
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
+
+
 def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
     """Load a checkpoint without executing code from it.
 
     ``*.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)`` (tensors and plain containers only).
+    ``torch.load(weights_only=True)`` (tensors and plain containers only, and
+    ``argparse.Namespace``: the ``args`` of timm's ``train.py`` checkpoints).
 
     Args:
         path: the file.
@@ -267,7 +280,8 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _namespace_allowed():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(
             f"{str(path)!r} is not a readable checkpoint (expected a PyTorch .pth/.pt state dict "
