@@ -72,6 +72,7 @@ from acmix.engine.checkpoint import (
     set_rng_state,
 )
 from acmix.engine.config import Config, ConfigError, ModelConfig, config_to_dict
+from acmix.engine.description import ModelDescription
 from acmix.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -403,16 +404,22 @@ class _Trainer:
             path = self.ckpt_dir
         else:
             path = resolve_checkpoint(self.resume)
-        ck = load_checkpoint(path)
-        state = ck.state or {}
+        ck = load_checkpoint(path, ema=self.ema is not None)
+        if ck.state is None:
+            raise CheckpointError(
+                f"cannot resume from {ck.path}: a {ck.kind} file holds weights but no training "
+                "state; resume from an acmix run (its directory or a manifest .json), or start "
+                f"from the weights with model.init_from={ck.path}"
+            )
+        state = ck.state
         try:
             self.model.load_state_dict(ck.weights)
             self.optimizer.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
-            if self.ema is not None and state.get("ema"):
-                self.ema.module.load_state_dict(state["ema"])
+            if self.ema is not None and ck.ema:
+                self.ema.module.load_state_dict(ck.ema)
             set_rng_state(state["rng"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(
@@ -445,7 +452,6 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "ema": self.ema.module.state_dict() if self.ema is not None else {},
             "rng": get_rng_state(),
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
@@ -474,6 +480,15 @@ class _Trainer:
             tags=tags,
             keep=self.cfg.train.keep,
             info=json.loads(json.dumps(meta, default=str)),
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            description=ModelDescription.from_run(
+                self.cfg.model.name,
+                self.cfg.model.kwargs,
+                self.data.num_classes,
+                self.data.in_chans,
+                self.data.info,
+                num_features=getattr(self.model, "num_features", None),
+            ),
         )
         return self.last_manifest
 
