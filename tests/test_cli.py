@@ -145,3 +145,116 @@ def test_train_on_digits_fallback(tmp_path) -> None:
 
     assert manifest["data"]["img_size"] == 8
     assert manifest["metrics"]["count"] == len(load_digits("test")) == 359  # 1797 - 1438
+
+
+# -- one resolver, self-describing files, timm's .pth.tar ------------------------------------------
+
+
+def _manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "checkpoints" / "last.json").read_text())
+
+
+def test_every_command_accepts_a_run_directory(run_dir, tmp_path, capsys) -> None:
+    assert main(["inspect", str(run_dir)]) == 0
+    out = capsys.readouterr()
+    assert "| depth | layer | α (attention) | β (convolution) |" in out.out
+    assert f"loaded acmix checkpoint {run_dir / 'checkpoints' / 'last.json'}" in out.err
+    assert main(["eval", "--checkpoint", str(run_dir / "checkpoints"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["count"] == 20
+    png = tmp_path / "x.png"
+    data = load_fashion_mnist(run_dir.parent / "data", "test")
+    Image.fromarray(data.images[0, 0].numpy()).save(png)
+    tag = run_dir / "checkpoints" / "best"  # a tag, without .json
+    assert main(["predict", str(png), "--checkpoint", str(tag), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] in FASHION_MNIST_CLASSES
+    dst = tmp_path / "tiny.safetensors"
+    assert main(["convert", str(run_dir), str(dst)]) == 0
+    assert f"wrote {dst}" in capsys.readouterr().out
+    assert (tmp_path / "tiny.config.json").is_file()
+
+
+def test_a_weights_file_alone_evaluates_like_the_run(run_dir, capsys) -> None:
+    """No recipe, no --model: the file's architecture, kwargs, normalisation and size."""
+    manifest = _manifest(run_dir)
+    weights = run_dir / "checkpoints" / manifest["files"]["weights"]["file"]
+    argv = ["eval", "--checkpoint", str(weights), "--data-dir", str(run_dir.parent / "data")]
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr()
+    metrics = json.loads(out.out.splitlines()[-1])
+    assert metrics["top1"] == pytest.approx(manifest["metrics"]["top1"])
+    assert metrics["loss"] == pytest.approx(manifest["metrics"]["loss"], rel=1e-5)
+    assert "stem_stride=2" in out.err and "input 1x28x28" in out.err
+    assert main([*argv, "--model", "acmix_resnet26"]) == 1
+    err = capsys.readouterr().err
+    assert "--model acmix_resnet26 does not match the checkpoint's architecture acmix_tiny" in err
+
+
+def test_a_timm_training_checkpoint_evaluates(run_dir, tmp_path, capsys) -> None:
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    manifest = _manifest(run_dir)
+    sd = load_file(str(run_dir / "checkpoints" / manifest["files"]["weights"]["file"]))
+    d = manifest["data"]
+    args = argparse.Namespace(
+        model="acmix_tiny",
+        num_classes=10,
+        in_chans=1,
+        img_size=28,
+        mean=d["mean"],
+        std=d["std"],
+        crop_pct=1.0,
+        crop_mode="squash",
+        interpolation="bilinear",
+        model_kwargs=manifest["model"]["kwargs"],
+    )
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(
+        {"epoch": 2, "arch": "acmix_tiny", "state_dict": sd, "args": args, "version": 2}, path
+    )
+    argv = ["eval", "--checkpoint", str(path), "--data-dir", str(run_dir.parent / "data")]
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.splitlines()[-1])["top1"] == pytest.approx(
+        manifest["metrics"]["top1"]
+    )
+    assert f"loaded timm training checkpoint {path} (epoch 2)" in out.err
+    dst = tmp_path / "hf"
+    assert main(["convert", str(path), str(dst)]) == 0
+    assert json.loads((dst / "config.json").read_text())["model_args"]["stem_stride"] == 2
+    assert main(["predict", str(run_dir.parent / "missing.png"), "--checkpoint", str(dst)]) == 1
+
+
+def test_bad_checkpoints_are_one_clear_line(run_dir, tmp_path, capsys) -> None:
+    import os
+
+    import torch
+
+    def err() -> str:
+        text = capsys.readouterr().err
+        assert "Traceback" not in text
+        return text
+
+    state = next((run_dir / "checkpoints").glob("*.state.pt"))
+    assert main(["eval", "--checkpoint", str(state)]) == 1
+    assert "is a training state (optimizer, RNG), not model weights: pass its manifest" in err()
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 1
+    assert f"no checkpoint in {tmp_path / 'empty'}" in err()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "arch": "acmix_tiny", "args": Evil()}, evil)
+    assert main(["predict", "x.png", "--checkpoint", str(evil)]) == 1
+    assert "evil.pth.tar" in err()
+    plain = tmp_path / "plain.pth"
+    torch.save({"w": torch.ones(1)}, plain)
+    assert main(["convert", str(plain), str(tmp_path / "o.safetensors")]) == 1
+    assert "does not say which architecture it holds; pass --model NAME" in err()
+    assert main(["export", "--checkpoint", str(plain), "-o", str(tmp_path / "m.onnx")]) == 1
+    assert "pass --model NAME" in err()

@@ -166,28 +166,76 @@ def list_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="the authors' checkpoint (.pth / .pt / .safetensors)")
-    p.add_argument("dst", help="output .safetensors file (written atomically)")
-    p.add_argument("--model", required=True, help="registered model name, e.g. acmix_resnet50")
-    add_model_arg(p, "of the checkpoint's model, e.g. --model-arg 'layers=(1,1,1,1)'")
-
-
-@command("convert", "convert an authors' checkpoint to a safetensors file our models load")(
-    _configure_convert
+#: The help of every checkpoint argument (one resolver: acmix.engine.checkpoint.resolve_checkpoint).
+CHECKPOINT_HELP = (
+    "run dir, its checkpoints/ dir, a manifest or tag (.json), a .safetensors file, a "
+    "config.json + model.safetensors folder, or a timm .pth.tar / .pth"
 )
+
+
+def _say_found(prog: str, loaded) -> None:
+    """One stderr line naming what was loaded (stdout stays the command's output)."""
+    if loaded.found:
+        print(f"acmix {prog}: loaded {loaded.found}", file=sys.stderr)
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "src",
+        help="the authors' checkpoint (.pth / .pt / .safetensors; needs --model), or any "
+        f"checkpoint that describes itself: {CHECKPOINT_HELP}",
+    )
+    p.add_argument(
+        "dst",
+        help="output .safetensors file (and DST-stem.config.json beside it), or a folder: "
+        "DST/model.safetensors + DST/config.json, the layout timm's 'local-dir:DST' loads",
+    )
+    p.add_argument(
+        "--model",
+        help="registered model name, e.g. acmix_resnet50 (needed for the authors' files; "
+        "must match a checkpoint that names its architecture)",
+    )
+    add_model_arg(p, "of the checkpoint's model, e.g. --model-arg 'layers=(1,1,1,1)'")
+    p.add_argument("--ema", action="store_true", help="convert the EMA weights")
+
+
+@command(
+    "convert",
+    "convert a checkpoint (the authors', timm's, a run's) to a self-describing safetensors file",
+)(_configure_convert)
 def convert(args: argparse.Namespace) -> int:
+    from acmix.engine import load_checkpoint, load_model
+    from acmix.engine.inference import save_described_weights
     from acmix.models.convert import CheckpointError, convert_checkpoint
 
     kwargs = parse_model_args(args.model_arg, "convert")
     if kwargs is None:
         return 2
+    dst = Path(args.dst)
+    weights_dst = dst if dst.suffix == ".safetensors" else dst / "model.safetensors"
     try:
-        sd = convert_checkpoint(args.src, args.dst, args.model, **kwargs)
+        ck = load_checkpoint(args.src, weights_only=True, ema=args.ema)
+        if ck.description is None and not args.ema:
+            # The authors' checkpoints: their key names, the family's filter, --model.
+            if not args.model:
+                raise ValueError(
+                    f"{ck.path} does not say which architecture it holds; pass --model NAME "
+                    "(and --model-arg KEY=VALUE for its kwargs)"
+                )
+            tensors = convert_checkpoint(ck.path, weights_dst, args.model, **kwargs)
+            loaded = load_model(None, args.model, kwargs)  # describes it: timm's defaults
+        else:
+            loaded = load_model(ck.path, args.model, kwargs, ema=args.ema)  # checks the fit
+            _say_found("convert", loaded)
+            tensors = ck.ema if args.ema and not ck.weights_are_ema else ck.weights
+        step = ck.manifest.get("step")
+        written = save_described_weights(
+            loaded, dst, step=step if isinstance(step, int) else None, tensors=tensors
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"acmix convert: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst}: {len(sd)} tensors for {args.model}")
+    print(f"wrote {written[0]} ({len(tensors)} tensors for {loaded.name}) and {written[1]}")
     return 0
 
 
@@ -377,9 +425,8 @@ def configs_cmd(args: argparse.Namespace) -> int:
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", required=True, help="run dir, checkpoint dir, manifest or .safetensors"
-    )
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    add_model_arg(p, "over the checkpoint's (for a file that does not describe itself)")
     p.add_argument(
         "--config", "-c", help="recipe for the data (default: the one saved in the checkpoint)"
     )
@@ -406,25 +453,36 @@ def eval_cmd(args: argparse.Namespace) -> int:
         load_model,
     )
     from acmix.engine.distributed import cleanup_distributed, init_distributed
+    from acmix.engine.inference import eval_data, preprocessing_overrides
 
+    kwargs = parse_model_args(args.model_arg, "eval")
+    if kwargs is None:
+        return 2
     try:
-        loaded = load_model(args.checkpoint, args.model, ema=args.ema)
+        loaded = load_model(args.checkpoint, args.model, kwargs, ema=args.ema)
+        _say_found("eval", loaded)
+        recipe = loaded.manifest.get("config")
         if args.config:
             cfg = load_config(args.config, _flag_overrides(args) + list(args.overrides))
         else:
-            base = loaded.manifest.get("config") or config_to_dict(load_config(None))
-            values = apply_overrides(base, _flag_overrides(args) + list(args.overrides))
+            # No recipe saved: the defaults, with the checkpoint's input size and resizing.
+            base = recipe or config_to_dict(load_config(None))
+            first = [] if recipe else preprocessing_overrides(loaded)
+            values = apply_overrides(base, first + _flag_overrides(args) + list(args.overrides))
             cfg = config_from_dict(values)
         info = init_distributed(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         try:
-            data = build_data(
-                cfg.data,
-                cfg.aug,
-                getattr(loaded.model, "pretrained_cfg", None),
-                in_chans=int(loaded.data.get("in_chans", 3)),  # a grayscale model reads "L"
-            )
+            if recipe and not args.config:  # the run's own data pipeline, as it evaluated
+                data = build_data(
+                    cfg.data,
+                    cfg.aug,
+                    getattr(loaded.model, "pretrained_cfg", None),
+                    in_chans=int(loaded.data.get("in_chans", 3)),  # a grayscale model reads "L"
+                )
+            else:  # the checkpoint's normalisation and crop on whichever data is given
+                data = eval_data(loaded, cfg.data, cfg.aug)
             if data.num_classes != getattr(loaded.model, "num_classes", data.num_classes):
                 where = f" in {cfg.data.data_dir}" if cfg.data.data_dir else ""
                 raise ConfigError(
@@ -455,11 +513,13 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 def _configure_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument(
-        "--checkpoint", required=True, help="run dir, checkpoint dir, manifest or .safetensors"
+        "--model",
+        help="timm model name, for a file that does not describe itself (a plain state dict); "
+        "must match the checkpoint's architecture otherwise",
     )
-    p.add_argument("--model", help="timm model name (needed for a bare .safetensors file)")
-    add_model_arg(p, "for a bare .safetensors file (num_classes=10, in_chans=1, ...)")
+    add_model_arg(p, "over the checkpoint's (num_classes=10, in_chans=1, ...)")
     p.add_argument(
         "--topk", type=positive_int, default=5, help="classes shown per image (default 5)"
     )
@@ -478,6 +538,7 @@ def predict_cmd(args: argparse.Namespace) -> int:
         return 2
     try:
         loaded = load_model(args.checkpoint, args.model, kwargs, ema=args.ema)
+        _say_found("predict", loaded)
         results = predict_images(loaded, args.images, args.topk)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         return _report_error("predict", e)
@@ -500,8 +561,12 @@ def predict_cmd(args: argparse.Namespace) -> int:
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
-    p.add_argument("--checkpoint", help="run dir, checkpoint dir, manifest or .safetensors")
-    p.add_argument("--model", help="timm model name (without a checkpoint: fresh weights)")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--model",
+        help="timm model name (without a checkpoint: fresh weights; with one: must match "
+        "its architecture)",
+    )
     add_model_arg(p, "(num_classes=10, in_chans=1, mixer=conv, ...)")
     p.add_argument(
         "--img-size", type=positive_int, help="trace size (default: the checkpoint's data)"
@@ -534,6 +599,7 @@ def export_cmd(args: argparse.Namespace) -> int:
         return 2
     try:
         loaded = load_model(args.checkpoint, args.model, kwargs, ema=args.ema)
+        _say_found("export", loaded)
         size = args.img_size if args.img_size is not None else int(loaded.data["img_size"])
         in_chans = int(loaded.data.get("in_chans", kwargs.get("in_chans", 3)))
         report = export_onnx(
@@ -786,22 +852,30 @@ def analyze(args: argparse.Namespace) -> int:
 
 
 def _configure_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="weights (.safetensors / .pt / .pth)")
-    p.add_argument("--model", help="registered model name: also measure |α·F_att| vs |β·F_conv|")
-    add_model_arg(p, "for --model")
+    p.add_argument("checkpoint", type=Path, help=f"weights: {CHECKPOINT_HELP}")
+    p.add_argument(
+        "--model",
+        help="registered model name, for a file that does not describe itself: also measure "
+        "|α·F_att| vs |β·F_conv| on --images",
+    )
+    add_model_arg(p, "over the checkpoint's (for --model)")
+    p.add_argument("--ema", action="store_true", help="inspect the EMA weights")
     p.add_argument("--images", type=Path, nargs="*", default=[], help="image files or folders")
     p.add_argument(
         "--img-size",
         type=positive_int,
-        default=224,
-        help="side the --images are resized to (default 224)",
+        default=None,
+        help="side the --images are resized to (default: the checkpoint's input size)",
     )
     p.add_argument("--plot", type=Path, default=None, help="write the α/β-by-depth PNG here")
 
 
-def _load_images(paths: list[Path], size: int, in_chans: int):
+def _load_images(paths: list[Path], loaded, size: int | None):
+    """The first 64 images under ``paths``, preprocessed as the checkpoint says."""
     import torch
     from PIL import Image, UnidentifiedImageError
+
+    from acmix.data import build_eval_transform
 
     files: list[Path] = []
     for p in paths:
@@ -815,15 +889,23 @@ def _load_images(paths: list[Path], size: int, in_chans: int):
             raise FileNotFoundError(f"no image or folder at {p}")
     if not files:
         raise ValueError(f"no images found in {[str(p) for p in paths]}")
+    d = loaded.data
+    tf = build_eval_transform(
+        int(size or d["img_size"]),
+        tuple(d["mean"]),
+        tuple(d["std"]),
+        crop_pct=d.get("crop_pct"),
+        interpolation=d.get("interpolation", "bilinear"),
+        center_crop=bool(d.get("center_crop", True)),
+    )
+    mode = "L" if int(d["in_chans"]) == 1 else "RGB"
     batch = []
     for f in files[:64]:
         try:
-            img = Image.open(f).convert("L" if in_chans == 1 else "RGB").resize((size, size))
+            with Image.open(f) as img:
+                batch.append(tf(img.convert(mode)))
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {f}: {exc}") from exc
-        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float() / 255.0
-        t = t.view(size, size, -1).permute(2, 0, 1)
-        batch.append((t - 0.45) / 0.225)
     return torch.stack(batch)
 
 
@@ -833,45 +915,50 @@ def _load_images(paths: list[Path], size: int, in_chans: int):
 def inspect_cmd(args: argparse.Namespace) -> int:
     from acmix.analysis.inspect import (
         format_rates,
-        load_state_dict_file,
         path_contributions,
         plot_rates,
         rates_from_state_dict,
     )
+    from acmix.engine import CheckpointError, load_checkpoint, load_model
 
+    kwargs = parse_model_args(args.model_arg, "inspect")
+    if kwargs is None:
+        return 2
+    loaded = None
     try:
-        sd = load_state_dict_file(args.checkpoint)
-    except (FileNotFoundError, ValueError) as exc:
+        ck = load_checkpoint(args.checkpoint, weights_only=True)
+        if args.model or args.ema or (args.images and ck.description is not None):
+            loaded = load_model(ck.path, args.model, kwargs, ema=args.ema)
+            _say_found("inspect", loaded)
+            sd = loaded.model.state_dict()
+        else:
+            about = f": {ck.description.summary()}" if ck.description is not None else ""
+            print(f"acmix inspect: loaded {ck.summary()}{about}", file=sys.stderr)
+            sd = ck.weights
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"acmix inspect: error: {exc}", file=sys.stderr)
         return 1
     rows = rates_from_state_dict(sd)
     if not rows:
         print(f"acmix inspect: {args.checkpoint} has no ACmix layers (no rate1/rate2 keys)")
         return 1
-    if args.model:
-        import timm
-
-        kwargs = parse_model_args(args.model_arg, "inspect")
-        if kwargs is None:
-            return 2
-        model = timm.create_model(args.model, **kwargs)
-        model.load_state_dict(sd)
-        in_chans = (
-            model.pretrained_cfg.get("input_size", (3,))[0]
-            if kwargs.get("in_chans") is None
-            else kwargs["in_chans"]
+    if args.images and loaded is None:
+        print(
+            "acmix inspect: --images needs the model: pass --model NAME (the file does not "
+            "describe itself); showing the stored α / β only"
         )
+    elif loaded is not None:
         try:
             if args.images:
-                images = _load_images(args.images, args.img_size, in_chans)
+                images = _load_images(args.images, loaded, args.img_size)
             else:
-                print("acmix inspect: --model given without --images; nothing to measure")
+                print("acmix inspect: no --images given; nothing to measure")
                 images = None
         except (FileNotFoundError, ValueError) as exc:
             print(f"acmix inspect: error: {exc}", file=sys.stderr)
             return 1
         if images is not None:
-            rows = path_contributions(model, images)
+            rows = path_contributions(loaded.model, images)
     print(format_rates(rows))
     if args.plot:
         print(f"\nwrote {plot_rates(rows, args.plot, title=str(args.checkpoint.name))}")

@@ -2,7 +2,8 @@
 
 Entry points: :func:`train` (a whole run from a :class:`Config`),
 :func:`evaluate`, :func:`load_config`, :func:`save_checkpoint` /
-:func:`load_checkpoint`, :func:`load_model`, :func:`export_onnx`. The
+:func:`load_checkpoint` (any path :func:`resolve_checkpoint` accepts), :func:`load_model`,
+:func:`export_onnx`; :class:`ModelDescription` is what every weights file says about itself. The
 ``acmix`` command wraps them (``acmix train --help``).
 """
 
@@ -13,6 +14,7 @@ from acmix.engine.checkpoint import (
     clean_checkpoint_dir,
     load_checkpoint,
     load_weights,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from acmix.engine.config import (
@@ -29,6 +31,7 @@ from acmix.engine.config import (
     config_to_dict,
     load_config,
 )
+from acmix.engine.description import ModelDescription
 from acmix.engine.distributed import DistInfo, init_distributed
 from acmix.engine.evaluate import evaluate
 from acmix.engine.inference import (
@@ -56,6 +59,7 @@ __all__ = [
     "LoadedModel",
     "LockError",
     "ModelConfig",
+    "ModelDescription",
     "NonFiniteError",
     "OptimConfig",
     "SchedConfig",
@@ -80,6 +84,7 @@ __all__ = [
     "plot_alpha_beta",
     "plot_curves",
     "predict_images",
+    "resolve_checkpoint",
     "save_checkpoint",
     "train",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,22 @@ import torch
 from PIL import Image
 from torch import nn
 
+from acmix.data import AugConfig, DataBundle, DataConfig
 from acmix.data.transforms import build_eval_transform
 from acmix.engine.checkpoint import CheckpointError, load_checkpoint
+from acmix.engine.description import ModelDescription
 from acmix.utils.checks import record_masked_maps
 
-__all__ = ["ExportReport", "LoadedModel", "export_onnx", "load_model", "predict_images"]
+__all__ = [
+    "ExportReport",
+    "LoadedModel",
+    "eval_data",
+    "export_onnx",
+    "load_model",
+    "predict_images",
+    "preprocessing_overrides",
+    "save_described_weights",
+]
 
 
 @dataclass
@@ -26,17 +38,24 @@ class LoadedModel:
     Attributes:
         model: the network, in eval mode.
         name: its timm name.
-        data: the checkpoint's data description (``classes``, ``in_chans``,
-            ``img_size``, ``mean``, ``std``, ``crop_pct``, ``center_crop``,
-            ``interpolation``); defaults from the model's ``pretrained_cfg``
-            when there is no checkpoint manifest.
+        data: the preprocessing (``classes``, ``in_chans``, ``img_size``,
+            ``mean``, ``std``, ``crop_pct``, ``center_crop``, ``interpolation``):
+            the checkpoint's, or the model's ``pretrained_cfg`` defaults when
+            the checkpoint does not describe itself (or there is none).
         manifest: the checkpoint manifest (``{}`` without one).
+        description: the network and preprocessing the weights were saved with
+            (``None``: the checkpoint does not say, or there is none).
+        kwargs: the ``timm.create_model`` kwargs the model was built with.
+        found: one line: what was loaded (file, kind, step, which weights, model).
     """
 
     model: nn.Module
     name: str
     data: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    description: ModelDescription | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    found: str = ""
 
 
 def load_model(
@@ -47,37 +66,68 @@ def load_model(
 ) -> LoadedModel:
     """Build the model of a checkpoint (or ``model_name`` with fresh weights) for inference.
 
+    A checkpoint that describes itself (every file acmix writes, timm's
+    ``train.py`` checkpoints) needs nothing else: its architecture, kwargs,
+    classes, input size and normalisation are used. ``model_name`` and
+    ``model_kwargs`` are for files that do not (plain state dicts, older
+    ``.safetensors`` files) and override the checkpoint's kwargs key by key.
+
     Args:
-        checkpoint: a run / checkpoint directory, manifest or ``.safetensors``
-            file; ``None``: ``model_name`` with its initial weights.
-        model_name: timm name; needed for a bare ``.safetensors`` file,
-            otherwise taken from the manifest.
-        model_kwargs: architecture kwargs (``num_classes``, ``in_chans``,
-            ``mixer``, ...); the manifest's are used when present.
-        ema: load the EMA weights of the checkpoint's training state.
+        checkpoint: anything :func:`acmix.engine.checkpoint.resolve_checkpoint`
+            accepts; ``None``: ``model_name`` with its initial weights.
+        model_name: timm name; must match the checkpoint's architecture when it has one.
+        model_kwargs: ``create_model`` kwargs (``num_classes``, ``in_chans``,
+            ``mixer``, ...) over the checkpoint's.
+        ema: load the EMA weights (a manifest's ``.ema.safetensors`` or
+            older state, timm's ``state_dict_ema``).
 
     Raises:
-        CheckpointError: an unreadable checkpoint, or weights that do not fit.
-        ValueError: no model name known, an unknown one, or kwargs the model refuses.
+        CheckpointError: an unreadable checkpoint, no EMA weights, or weights that do not fit.
+        ValueError: no model name known, an unknown one, one other than the
+            checkpoint's architecture, or kwargs the model refuses.
     """
     manifest: dict[str, Any] = {}
     weights = None
+    desc: ModelDescription | None = None
+    found = ""
     if checkpoint is not None:
-        ck = load_checkpoint(checkpoint, weights_only=not ema)
-        manifest, weights = ck.manifest, ck.weights
-        if ema:
-            ema_sd = (ck.state or {}).get("ema") or {}
-            if not ema_sd:
-                raise CheckpointError(f"{ck.path}: the run kept no EMA weights (train.ema_decay)")
-            weights = ema_sd
-    m = manifest.get("model", {})
-    name = model_name or m.get("name")
+        ck = load_checkpoint(checkpoint, weights_only=True, ema=ema)
+        manifest, weights, desc = ck.manifest, ck.weights, ck.description
+        found = ck.summary()
+        if ema and not ck.weights_are_ema:
+            if not ck.ema:
+                why = (
+                    "the run kept no EMA weights (train.ema_decay)"
+                    if ck.kind == "acmix"
+                    else "it holds no EMA weights"
+                )
+                if ck.kind == "safetensors":
+                    sibling = ck.path.with_name(
+                        ck.path.name.replace(".safetensors", ".ema.safetensors")
+                    )
+                    why = "it holds the model's weights" + (
+                        f"; the EMA weights are {sibling}" if sibling.is_file() else ""
+                    )
+                raise CheckpointError(f"{ck.path}: no EMA weights to load: {why}")
+            weights = ck.ema
+            found += ", EMA weights"
+        if desc is not None and model_name and model_name != desc.architecture:
+            raise ValueError(
+                f"--model {model_name} does not match the checkpoint's architecture "
+                f"{desc.architecture} ({ck.path}); leave --model out to use the checkpoint's"
+            )
+        if desc is None and not model_name:
+            hint = (
+                f" (its 'arch' {ck.arch_hint!r} is not a registered model)" if ck.arch_hint else ""
+            )
+            raise ValueError(
+                f"no model name: {ck.path} does not say which architecture it holds{hint}; "
+                "pass --model NAME (and --model-arg KEY=VALUE for its kwargs)"
+            )
+    name = model_name or (desc.architecture if desc is not None else None)
     if not name:
-        raise ValueError("no model name: pass --model NAME for a bare .safetensors file")
-    kwargs = dict(m.get("kwargs", {}))
-    for key in ("num_classes", "in_chans"):
-        if key in m:
-            kwargs[key] = m[key]
+        raise ValueError("no model name: pass --model NAME or a checkpoint")
+    kwargs = desc.create_kwargs() if desc is not None else {}
     kwargs.update(model_kwargs or {})
     try:
         model = timm.create_model(name, **kwargs)
@@ -95,8 +145,10 @@ def load_model(
                 f"{checkpoint}: weights do not fit {name} {kwargs}: {e}"
             ) from None
     model.eval()
-    data = dict(manifest.get("data", {}))
-    if not data:
+    if desc is not None:
+        data = desc.data()
+        found += f": {desc.summary()}"
+    else:
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
         in_chans = kwargs.get("in_chans", 3)
         data = dict(
@@ -109,7 +161,133 @@ def load_model(
             center_crop=True,
             interpolation=pcfg.get("interpolation", "bilinear"),
         )
-    return LoadedModel(model, name, data, manifest)
+        if found:
+            found += f": {name} {kwargs} (the file does not describe itself: {name}'s "
+            found += "default preprocessing)"
+    return LoadedModel(model, name, data, manifest, desc, kwargs, found)
+
+
+def save_described_weights(
+    loaded: LoadedModel,
+    dst: str | os.PathLike,
+    *,
+    step: int | None = None,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> list[Path]:
+    """Write ``loaded``'s weights as a self-describing ``.safetensors`` (+ config.json).
+
+    ``dst`` ending in ``.safetensors``: that file, with the description in its
+    header, and ``<dst stem>.config.json`` beside it. Otherwise ``dst`` is a
+    folder in the Hugging Face / timm layout: ``dst/model.safetensors`` and
+    ``dst/config.json``, which ``timm.create_model("local-dir:DST",
+    pretrained=True)`` loads once ``acmix`` is imported. Files are written
+    atomically.
+
+    Args:
+        loaded: a model from :func:`load_model` (its kwargs and data describe it).
+        dst: output file or folder.
+        step: recorded in the header when known.
+        tensors: the weights to write, as they are (dtype kept); default: the
+            model's ``state_dict()``.
+
+    Returns:
+        The files written.
+    """
+    from safetensors.torch import save as st_save
+
+    from acmix.utils.io import atomic_write_bytes
+
+    desc = _description_of(loaded)
+    dst = Path(dst)
+    if dst.suffix == ".safetensors":
+        weights_path = dst
+        config_path = dst.with_name(dst.name[: -len(".safetensors")] + ".config.json")
+    else:
+        weights_path, config_path = dst / "model.safetensors", dst / "config.json"
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "producer": "acmix", "weights": "model", **desc.to_metadata()}
+    if step is not None:
+        meta["step"] = str(step)
+    sd = loaded.model.state_dict() if tensors is None else tensors
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    atomic_write_bytes(weights_path, st_save(clean, metadata=meta))
+    atomic_write_bytes(config_path, desc.to_config_bytes())
+    return [weights_path, config_path]
+
+
+def _description_of(loaded: LoadedModel) -> ModelDescription:
+    """The checkpoint's description, or one from the kwargs and data the model was built with."""
+    desc = loaded.description
+    if desc is not None and loaded.kwargs == desc.create_kwargs():
+        return desc
+    d = loaded.data
+    kwargs = dict(loaded.kwargs)
+    num_classes = int(kwargs.pop("num_classes", getattr(loaded.model, "num_classes", 1000)))
+    in_chans = int(kwargs.pop("in_chans", d.get("in_chans", 3)))
+    classes = d.get("classes") or []
+    return ModelDescription.from_run(
+        loaded.name,
+        kwargs,
+        num_classes,
+        in_chans,
+        {**d, "classes": classes if len(classes) == num_classes else []},
+        num_features=getattr(loaded.model, "num_features", None),
+    )
+
+
+def preprocessing_overrides(loaded: LoadedModel) -> list[tuple[str, Any]]:
+    """Config overrides that make a recipe read images as ``loaded``'s checkpoint says.
+
+    For evaluating a checkpoint without its recipe: its input size, and for
+    centre-cropped inputs its crop fraction and interpolation. ``[]`` when
+    the checkpoint does not describe itself.
+    """
+    if loaded.description is None:
+        return []
+    d = loaded.data
+    out: list[tuple[str, Any]] = [("data.img_size", int(d["img_size"]))]
+    if d.get("interpolation") in ("bilinear", "bicubic", "nearest"):
+        out.append(("aug.interpolation", d["interpolation"]))
+    if d.get("center_crop", True) and d.get("crop_pct"):
+        out.append(("aug.crop_pct", float(d["crop_pct"])))
+    return out
+
+
+def eval_data(loaded: LoadedModel, data: DataConfig, aug: AugConfig) -> DataBundle:
+    """The evaluation data for ``loaded``, preprocessed as its checkpoint says.
+
+    :func:`acmix.data.build_data` with the model's channels (image folders are
+    read in its mode) and the checkpoint's mean / std / size / crop for image
+    folders; the in-memory data sets (Fashion-MNIST, digits) normalise with
+    the checkpoint's mean and std too, not with statistics of the data at
+    hand. A checkpoint that does not describe itself gets the model's
+    ``pretrained_cfg`` for folders and the data's own statistics otherwise.
+    """
+    from acmix.data import build_data
+
+    d = loaded.data
+    in_chans = int(d.get("in_chans", 3))
+    if loaded.description is None:
+        return build_data(data, aug, getattr(loaded.model, "pretrained_cfg", None), in_chans)
+    size = int(d["img_size"])
+    model_cfg = {
+        "mean": tuple(d["mean"]),
+        "std": tuple(d["std"]),
+        "input_size": (in_chans, size, size),
+        "crop_pct": d.get("crop_pct"),
+        "interpolation": d.get("interpolation"),
+    }
+    bundle = build_data(data, aug, model_cfg, in_chans=in_chans)
+    if not bundle.info.get("center_crop", True):  # in-memory: normalised with its own stats
+        bundle.val.transform = build_eval_transform(  # type: ignore[attr-defined]
+            bundle.img_size,
+            tuple(d["mean"]),
+            tuple(d["std"]),
+            interpolation=aug.interpolation,
+            center_crop=False,
+        )
+        bundle.info.update(mean=list(d["mean"]), std=list(d["std"]))
+    return bundle
 
 
 @torch.no_grad()
