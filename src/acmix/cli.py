@@ -968,8 +968,12 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 # -- entry point ----------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``acmix`` command."""
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the ``acmix`` command line (default ``sys.argv[1:]``); imports nothing heavy.
+
+    ``--help``, no command, and usage errors exit here (argparse's ``SystemExit``), so
+    the console script (:mod:`_acmix_launcher`) answers them before torch is imported.
+    """
     parser = build_parser()
     # SECTION.KEY=VALUE overrides may stand anywhere on the line, between options too
     # (`train -c r train.epochs=1 --seed 1 data.batch_size=64`): argparse leaves those after
@@ -983,7 +987,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
-        return 0
+        parser.exit(0)
+    return args
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the command :func:`parse_command_line` parsed; user errors become one line and 1."""
     _, run, _ = _COMMANDS[args.command]
     try:
         return int(run(args) or 0)
@@ -991,6 +1000,15 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, _user_errors()):
             return _report_error(args.command, e)
         raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m acmix``: :func:`parse_command_line`, then :func:`run_command`.
+
+    Returns:
+        The command's exit status (help and usage errors exit from argparse).
+    """
+    return run_command(parse_command_line(argv))
 
 
 if __name__ == "__main__":
