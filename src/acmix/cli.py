@@ -872,10 +872,7 @@ def _configure_inspect(p: argparse.ArgumentParser) -> None:
 
 def _load_images(paths: list[Path], loaded, size: int | None):
     """The first 64 images under ``paths``, preprocessed as the checkpoint says."""
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from acmix.data import build_eval_transform
+    from acmix.engine.inference import read_images
 
     files: list[Path] = []
     for p in paths:
@@ -889,24 +886,7 @@ def _load_images(paths: list[Path], loaded, size: int | None):
             raise FileNotFoundError(f"no image or folder at {p}")
     if not files:
         raise ValueError(f"no images found in {[str(p) for p in paths]}")
-    d = loaded.data
-    tf = build_eval_transform(
-        int(size or d["img_size"]),
-        tuple(d["mean"]),
-        tuple(d["std"]),
-        crop_pct=d.get("crop_pct"),
-        interpolation=d.get("interpolation", "bilinear"),
-        center_crop=bool(d.get("center_crop", True)),
-    )
-    mode = "L" if int(d["in_chans"]) == 1 else "RGB"
-    batch = []
-    for f in files[:64]:
-        try:
-            with Image.open(f) as img:
-                batch.append(tf(img.convert(mode)))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"cannot read image {f}: {exc}") from exc
-    return torch.stack(batch)
+    return read_images(files[:64], loaded, size)
 
 
 @command("inspect", "α / β of every ACmix layer in a checkpoint (table + plot by depth)")(

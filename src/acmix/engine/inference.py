@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ __all__ = [
     "load_model",
     "predict_images",
     "preprocessing_overrides",
+    "read_images",
     "save_described_weights",
 ]
 
@@ -291,6 +292,45 @@ def eval_data(loaded: LoadedModel, data: DataConfig, aug: AugConfig) -> DataBund
 
 
 @torch.no_grad()
+def read_images(
+    paths: Sequence[str | os.PathLike], loaded: LoadedModel, img_size: int | None = None
+) -> torch.Tensor:
+    """Image files preprocessed as the checkpoint's data says (its evaluation transform).
+
+    Args:
+        paths: image files.
+        loaded: from :func:`load_model`; ``loaded.data`` gives size, mean, std,
+            crop and interpolation, and ``in_chans`` the mode (1: ``L``, else ``RGB``).
+        img_size: side to resize to instead of the checkpoint's.
+
+    Returns:
+        A float batch ``(N, C, H, W)`` in the order of ``paths``.
+
+    Raises:
+        FileNotFoundError / ValueError: an image is missing or unreadable (named).
+    """
+    d = loaded.data
+    tf = build_eval_transform(
+        int(img_size or d["img_size"]),
+        tuple(d["mean"]),
+        tuple(d["std"]),
+        crop_pct=d.get("crop_pct"),
+        interpolation=d.get("interpolation", "bilinear"),
+        center_crop=bool(d.get("center_crop", True)),
+    )
+    mode = "L" if int(d["in_chans"]) == 1 else "RGB"
+    batch = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"image not found: {p}")
+        try:
+            with Image.open(p) as im:
+                batch.append(tf(im.convert(mode)))
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"unreadable image {p}: {e}") from None
+    return torch.stack(batch)
+
+
 def predict_images(
     loaded: LoadedModel, paths: list[str | os.PathLike], topk: int = 5
 ) -> list[list[tuple[str, float]]]:
@@ -305,28 +345,8 @@ def predict_images(
     """
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
-    d = loaded.data
-    tf = build_eval_transform(
-        int(d["img_size"]),
-        tuple(d["mean"]),
-        tuple(d["std"]),
-        crop_pct=d.get("crop_pct"),
-        interpolation=d.get("interpolation", "bilinear"),
-        center_crop=bool(d.get("center_crop", True)),
-    )
-    mode = "L" if int(d["in_chans"]) == 1 else "RGB"
-    batch = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"image not found: {p}")
-        try:
-            with Image.open(p) as im:
-                batch.append(tf(im.convert(mode)))
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"unreadable image {p}: {e}") from None
-    probs = loaded.model(torch.stack(batch)).float().softmax(dim=1)
-    classes = list(d.get("classes") or [])
+    probs = loaded.model(read_images(paths, loaded)).float().softmax(dim=1)
+    classes = list(loaded.data.get("classes") or [])
     k = min(topk, probs.shape[1])
     out = []
     for row in probs:
