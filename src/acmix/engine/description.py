@@ -358,21 +358,7 @@ class ModelDescription:
 
     def to_metadata(self) -> dict[str, str]:
         """Flat safetensors header entries (strings; lists and dicts as JSON)."""
-        values: dict[str, Any] = {
-            "architecture": self.architecture,
-            "model_args": self.model_args,
-            "num_classes": self.num_classes,
-            "in_chans": self.in_chans,
-            "num_features": self.num_features,
-            "input_size": list(self.input_size),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "crop_pct": self.crop_pct,
-            "crop_mode": self.crop_mode,
-            "interpolation": self.interpolation,
-            "img_mode": self.img_mode,
-            "label_names": list(self.label_names),
-        }
+        values = {key: getattr(self, key) for key in METADATA_KEYS}  # tuples: JSON lists
         out = {}
         for key, value in values.items():
             if value is None:
