@@ -10,7 +10,6 @@ from torch import nn
 from acmix.analysis.cost import PAPER_CHANNELS, PAPER_SIZES, compare_with_conv, cost_table
 from acmix.analysis.inspect import (
     format_rates,
-    load_state_dict_file,
     path_contributions,
     plot_rates,
     rates_from_state_dict,
@@ -75,17 +74,6 @@ def test_rates_and_contributions(tmp_path) -> None:
     assert "attention share" in text
     png = plot_rates(measured, tmp_path / "rates.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_load_state_dict_file_errors(tmp_path) -> None:
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pt is not a readable checkpoint"):
-        load_state_dict_file(bad)
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        load_state_dict_file(tmp_path / "missing.safetensors")
-    torch.save({"model": {"module.rate1": torch.ones(1)}}, tmp_path / "wrapped.pth")
-    assert list(load_state_dict_file(tmp_path / "wrapped.pth")) == ["rate1"]
 
 
 def test_cli_analyze_inspect_flops(tmp_path, capsys) -> None:

@@ -519,3 +519,15 @@ def test_malformed_descriptions_are_named(tmp_path) -> None:
         ModelDescription.from_config(cfg, "config.json")
     with pytest.raises(CheckpointError, match="no 'architecture'"):
         ModelDescription.from_config({"num_classes": 3}, "config.json")
+
+
+def test_plain_torch_files_load_unwrapped(tmp_path) -> None:
+    """What `inspect` reads without a run: a wrapped state dict, unwrapped; bad files named."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt.*not a readable checkpoint"):
+        load_checkpoint(bad, weights_only=True)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.safetensors", weights_only=True)
+    torch.save({"model": {"module.rate1": torch.ones(1)}}, tmp_path / "wrapped.pth")
+    assert list(load_checkpoint(tmp_path / "wrapped.pth", weights_only=True).weights) == ["rate1"]

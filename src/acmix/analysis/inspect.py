@@ -17,12 +17,10 @@ from torch import nn
 
 from acmix.analysis.plotting import pyplot, save_figure
 from acmix.layers import ACmixBase
-from acmix.utils.io import CheckpointError, load_checkpoint_file, unwrap_state_dict
 
 __all__ = [
     "LayerRates",
     "format_rates",
-    "load_state_dict_file",
     "mix_layers",
     "mix_weights",
     "path_contributions",
@@ -40,33 +38,6 @@ class LayerRates:
     beta: float
     att_magnitude: float | None = None
     conv_magnitude: float | None = None
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load weights safely: safetensors, or ``torch.load(weights_only=True)``.
-
-    Reads with :func:`acmix.utils.io.load_checkpoint_file` and unwraps with
-    :func:`~acmix.utils.io.unwrap_state_dict` (``{"model": ...}`` /
-    ``{"state_dict": ...}``, ``module.`` prefixes); a file holding only
-    ``{"model_ema": ...}`` gives the EMA weights.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a readable checkpoint (names the path).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        raw = load_checkpoint_file(path)
-    except CheckpointError as exc:
-        raise ValueError(f"{path} is not a readable checkpoint: {exc.__cause__ or exc}") from exc
-    if isinstance(raw, dict) and not {"model", "state_dict"} & raw.keys():
-        raw = raw.get("model_ema", raw)
-    try:
-        return unwrap_state_dict(raw)
-    except ValueError as exc:
-        raise ValueError(f"{path} does not hold a state dict of tensors: {exc}") from exc
 
 
 def rates_from_state_dict(sd: dict[str, torch.Tensor]) -> list[LayerRates]:
