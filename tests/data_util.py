@@ -1,7 +1,11 @@
-"""Small synthetic data sets written in the real on-disk formats (IDX files, image folders)."""
+"""Shared test helpers: small synthetic data sets written in the real on-disk formats
+(IDX files, image folders), and what the tests that run ``acmix`` in a child process use."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +58,26 @@ def make_image_folder(
             for i, img in enumerate(imgs):
                 Image.fromarray(np.stack([img] * 3, axis=-1)).save(d / f"{i}.png")
     return root
+
+
+def child_env() -> dict[str, str]:
+    """The environment of an ``acmix`` child process: unbuffered output, one thread."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120.0) -> str:
+    """Read ``proc``'s stdout up to the first line holding ``needle``; the lines read.
+
+    Kills ``proc`` and fails (showing the output) if the line does not come in time.
+    """
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if needle in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}; output:\n{seen}")

@@ -24,7 +24,7 @@ from acmix.engine import (
 )
 from acmix.engine import trainer as trainer_mod
 from acmix.engine.metrics import read_csv
-from tests.data_util import make_fake_fmnist
+from tests.data_util import child_env, make_fake_fmnist, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,27 +50,9 @@ def _cfg(data_dir: Path, out: Path, *extra: str):
     return load_config(None, [f"data.data_dir={data_dir}", f"train.output={out}", *TINY, *extra])
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
 def _train_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
     data = f"data.data_dir={data_dir}"
     return [sys.executable, "-m", "acmix", "train", *TINY, data, f"train.output={out}", *extra]
-
-
-def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120.0) -> str:
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        if needle in line:
-            return seen
-    proc.kill()
-    raise AssertionError(f"never saw {needle!r}; output:\n{seen}")
 
 
 # -- non-finite values --------------------------------------------------------------------------
@@ -198,10 +180,10 @@ def test_a_second_run_into_a_running_directory_fails_naming_the_holder(
     out = tmp_path / "busy"
     cmd = _train_argv(fmnist_dir, out, "train.epochs=200", "train.log_every=1")
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO
     )
     try:
-        _wait_for(proc, "step 2/6")
+        wait_for(proc, "step 2/6")
         rows_before = (out / "steps.csv").read_text()
         with pytest.raises(LockError, match=rf"run directory {out} is in use.*PID {proc.pid} "):
             train(_cfg(fmnist_dir, out, "train.epochs=1"), log=print)
@@ -243,7 +225,7 @@ def test_processes_saving_into_one_directory_never_break_a_manifest(tmp_path) ->
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _SAVER, str(ckdir), str(i), str(tmp_path / "barrier")],
-            env=_env(),
+            env=child_env(),
         )
         for i in range(3)
     ]
@@ -287,11 +269,16 @@ def test_kill_9_at_random_moments_never_breaks_last_and_resume_is_bit_exact(
     for _ in range(60):  # at most; stops after 24 kills
         cmd = _train_argv(fmnist_dir, out, *extra, "--resume", "auto")
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env(),
+            cwd=REPO,
         )
         try:
             # Training has started (checkpoints are being written every step) ...
-            _wait_for(proc, " step ")
+            wait_for(proc, " step ")
             time.sleep(rng.uniform(0.0, 0.4))  # ... then a random moment
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
@@ -313,7 +300,7 @@ def test_kill_9_at_random_moments_never_breaks_last_and_resume_is_bit_exact(
         _train_argv(fmnist_dir, out, *extra, "--resume", "auto"),
         capture_output=True,
         text=True,
-        env=_env(),
+        env=child_env(),
         cwd=REPO,
         timeout=300,
     )

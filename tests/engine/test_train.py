@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 
 from acmix.engine import CheckpointError, load_checkpoint, load_config, train
 from acmix.engine.metrics import read_csv
-from tests.data_util import make_fake_fmnist
+from tests.data_util import child_env, make_fake_fmnist, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,20 +145,6 @@ def test_bf16_autocast_on_cpu(fmnist_dir, tmp_path) -> None:
     assert next(res.model.parameters()).dtype == torch.float32  # autocast, not a cast
 
 
-def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 120.0) -> str:
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        if needle in line:
-            return seen
-    proc.kill()
-    raise AssertionError(f"never saw {needle!r}; output:\n{seen}")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(fmnist_dir, tmp_path, sig) -> None:
     out = tmp_path / "sig"
@@ -175,11 +159,10 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(fmnist_dir, tmp_path, sig) 
         "train.epochs=50",
         "train.log_every=1",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), cwd=REPO
     )
-    _wait_for(proc, "step 2/6")
+    wait_for(proc, "step 2/6")
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
