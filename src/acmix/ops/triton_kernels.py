@@ -52,6 +52,28 @@ def _window_mask(
 
 
 @triton.jit
+def _tile_origin(tiles, n_tx, TH: tl.constexpr, TW: tl.constexpr):
+    """This program's ``(batch-head, first row, first column)``; tiles are numbered row-major."""
+    pid = tl.program_id(0)
+    bn = (pid // tiles).to(tl.int64)
+    t = pid % tiles
+    return bn, (t // n_tx) * TH, (t % n_tx) * TW
+
+
+@triton.jit
+def _block_pixels(bn, y0, x0, offs, block_w, map_h, map_w):
+    """Pixels ``offs`` of a block ``block_w`` wide from ``(y0, x0)``, flattened row-major.
+
+    Returns their rows, columns, whether they lie inside the ``map_h x map_w`` map,
+    and their row index in the ``(BN, map_h, map_w, d)`` tensor of batch-head ``bn``.
+    """
+    y = y0 + offs // block_w
+    x = x0 + offs % block_w
+    ok = (y < map_h) & (x < map_w)
+    return y, x, ok, (bn * map_h + y) * map_w + x
+
+
+@triton.jit
 def attention_fwd(
     Q,
     K,
@@ -79,18 +101,10 @@ def attention_fwd(
     PRECISION: tl.constexpr,
 ):
     """Forward: ``O = softmax(Q K^T) V`` over each window, and its log-sum-exp."""
-    pid = tl.program_id(0)
-    bn = (pid // tiles).to(tl.int64)
-    t = pid % tiles
-    y0 = (t // n_tx) * TH
-    x0 = (t % n_tx) * TW
-    offs_m = tl.arange(0, TH * TW)
-    qy = y0 + offs_m // TW
-    qx = x0 + offs_m % TW
-    q_ok = (qy < Ho) & (qx < Wo)
+    bn, y0, x0 = _tile_origin(tiles, n_tx, TH, TW)
+    qy, qx, q_ok, q_rows = _block_pixels(bn, y0, x0, tl.arange(0, TH * TW), TW, Ho, Wo)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < d
-    q_rows = (bn * Ho + qy) * Wo + qx
     q_mask = q_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + q_rows[:, None] * d + offs_d[None, :], mask=q_mask, other=0.0)
 
@@ -99,13 +113,12 @@ def attention_fwd(
     acc = tl.zeros((TH * TW, BLOCK_D), tl.float32)
     for j0 in range(0, box_n, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
-        ky = STRIDE * y0 + j // box_w
-        kx = STRIDE * x0 + j % box_w
-        k_ok = (j < box_n) & (ky < Hp) & (kx < Wp)
-        k_rows = (bn * Hp + ky) * Wp + kx
+        ky, kx, k_ok, k_rows = _block_pixels(bn, STRIDE * y0, STRIDE * x0, j, box_w, Hp, Wp)
+        k_ok = k_ok & (j < box_n)
         k_mask = k_ok[:, None] & d_ok[None, :]
-        kt = tl.load(K + k_rows[:, None] * d + offs_d[None, :], mask=k_mask, other=0.0)
-        vt = tl.load(V + k_rows[:, None] * d + offs_d[None, :], mask=k_mask, other=0.0)
+        k_ptrs = k_rows[:, None] * d + offs_d[None, :]
+        kt = tl.load(K + k_ptrs, mask=k_mask, other=0.0)
+        vt = tl.load(V + k_ptrs, mask=k_mask, other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
         ok = _window_mask(
             ky[None, :], kx[None, :], qy[:, None], qx[:, None], H, W, KERNEL, STRIDE, ZEROS
@@ -160,18 +173,10 @@ def attention_bwd_dq(
     ``P = exp(Q K^T - LSE)`` is recomputed, ``dS = P * (dO V^T - DELTA)``.
     Same tiling as :func:`attention_fwd`; writes ``DELTA`` for :func:`attention_bwd_dkdv`.
     """
-    pid = tl.program_id(0)
-    bn = (pid // tiles).to(tl.int64)
-    t = pid % tiles
-    y0 = (t // n_tx) * TH
-    x0 = (t % n_tx) * TW
-    offs_m = tl.arange(0, TH * TW)
-    qy = y0 + offs_m // TW
-    qx = x0 + offs_m % TW
-    q_ok = (qy < Ho) & (qx < Wo)
+    bn, y0, x0 = _tile_origin(tiles, n_tx, TH, TW)
+    qy, qx, q_ok, q_rows = _block_pixels(bn, y0, x0, tl.arange(0, TH * TW), TW, Ho, Wo)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < d
-    q_rows = (bn * Ho + qy) * Wo + qx
     q_mask = q_ok[:, None] & d_ok[None, :]
     q_ptrs = q_rows[:, None] * d + offs_d[None, :]
     q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
@@ -184,13 +189,12 @@ def attention_bwd_dq(
     dq = tl.zeros((TH * TW, BLOCK_D), tl.float32)
     for j0 in range(0, box_n, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
-        ky = STRIDE * y0 + j // box_w
-        kx = STRIDE * x0 + j % box_w
-        k_ok = (j < box_n) & (ky < Hp) & (kx < Wp)
-        k_rows = (bn * Hp + ky) * Wp + kx
+        ky, kx, k_ok, k_rows = _block_pixels(bn, STRIDE * y0, STRIDE * x0, j, box_w, Hp, Wp)
+        k_ok = k_ok & (j < box_n)
         k_mask = k_ok[:, None] & d_ok[None, :]
-        kt = tl.load(K + k_rows[:, None] * d + offs_d[None, :], mask=k_mask, other=0.0)
-        vt = tl.load(V + k_rows[:, None] * d + offs_d[None, :], mask=k_mask, other=0.0)
+        k_ptrs = k_rows[:, None] * d + offs_d[None, :]
+        kt = tl.load(K + k_ptrs, mask=k_mask, other=0.0)
+        vt = tl.load(V + k_ptrs, mask=k_mask, other=0.0)
         s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
         ok = _window_mask(
             ky[None, :], kx[None, :], qy[:, None], qx[:, None], H, W, KERNEL, STRIDE, ZEROS
@@ -240,18 +244,10 @@ def attention_bwd_dkdv(
     ``ceil((y0 - kernel + 1) / s)`` on, ``box_n = box_h * box_w`` of them), so
     every gradient is written once: deterministic, no atomics.
     """
-    pid = tl.program_id(0)
-    bn = (pid // tiles).to(tl.int64)
-    t = pid % tiles
-    y0 = (t // n_tx) * TH
-    x0 = (t % n_tx) * TW
-    offs_n = tl.arange(0, TH * TW)
-    ky = y0 + offs_n // TW
-    kx = x0 + offs_n % TW
-    k_ok = (ky < Hp) & (kx < Wp)
+    bn, y0, x0 = _tile_origin(tiles, n_tx, TH, TW)
+    ky, kx, k_ok, k_rows = _block_pixels(bn, y0, x0, tl.arange(0, TH * TW), TW, Hp, Wp)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < d
-    k_rows = (bn * Hp + ky) * Wp + kx
     k_mask = k_ok[:, None] & d_ok[None, :]
     k_ptrs = k_rows[:, None] * d + offs_d[None, :]
     kt = tl.load(K + k_ptrs, mask=k_mask, other=0.0)
@@ -264,10 +260,8 @@ def attention_bwd_dkdv(
     dv = tl.zeros((TH * TW, BLOCK_D), tl.float32)
     for i0 in range(0, box_n, BLOCK):
         i = i0 + tl.arange(0, BLOCK)
-        qy = qy0 + i // box_w
-        qx = qx0 + i % box_w
-        q_ok = (i < box_n) & (qy < Ho) & (qx < Wo)
-        q_rows = (bn * Ho + qy) * Wo + qx
+        qy, qx, q_ok, q_rows = _block_pixels(bn, qy0, qx0, i, box_w, Ho, Wo)
+        q_ok = q_ok & (i < box_n)
         q_mask = q_ok[:, None] & d_ok[None, :]
         q_ptrs = q_rows[:, None] * d + offs_d[None, :]
         q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
