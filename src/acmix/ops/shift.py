@@ -222,8 +222,7 @@ class _ShiftAggregate(torch.autograd.Function):
         # Half-precision inputs accumulate in float32 (k*k terms per output).
         out = x_pad.new_zeros(B, C // G, G, H, W, dtype=acc_dtype(out_dtype))
         for p in range(kernel * kernel):
-            oy, ox = divmod(p, kernel)
-            out.addcmul_(xv[..., oy : oy + H, ox : ox + W], weight[:, None, :, p])
+            out.addcmul_(window_view(xv, p, kernel, 1, (H, W)), weight[:, None, :, p])
         ctx.save_for_backward(x_pad, weight)
         ctx.kernel = kernel
         return out.view(B, C, H, W).to(out_dtype)
@@ -242,16 +241,14 @@ class _ShiftAggregate(torch.autograd.Function):
             # d out / d x_pad: scatter g * w back to every window position.
             acc = x_pad.new_zeros(B, C // G, G, Hp, Wp, dtype=acc_dtype(x_pad.dtype))
             for p in range(kernel * kernel):
-                oy, ox = divmod(p, kernel)
-                acc[..., oy : oy + H, ox : ox + W].addcmul_(g, weight[:, None, :, p])
+                window_view(acc, p, kernel, 1, (H, W)).addcmul_(g, weight[:, None, :, p])
             grad_x = acc.view(B, C, Hp, Wp).to(x_pad.dtype)
         if ctx.needs_input_grad[1]:
             # d out / d w[g, p]: sum over the channels sharing weight channel g.
             grad_w = torch.empty_like(weight)
             dt = acc_dtype(weight.dtype)
             for p in range(kernel * kernel):
-                oy, ox = divmod(p, kernel)
-                grad_w[:, :, p] = (g.to(dt) * xv[..., oy : oy + H, ox : ox + W]).sum(1)
+                grad_w[:, :, p] = (g.to(dt) * window_view(xv, p, kernel, 1, (H, W))).sum(1)
         return grad_x, grad_w, None
 
 
