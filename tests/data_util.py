@@ -13,6 +13,17 @@ from PIL import Image
 
 from acmix.data import FASHION_MNIST_FILES, write_idx
 
+#: Overrides of a tiny, quiet training run on the fmnist_tiny recipe (the CLI tests).
+TINY_RUN = [
+    "model.kwargs={stem_stride: 2, widths: [8, 16, 16, 32], depths: [1, 1, 1, 1]}",
+    "data.batch_size=16",
+    "aug.crop=none",
+    "train.threads=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.plots=false",
+]
+
 
 def class_images(labels: np.ndarray, size: int = 28, seed: int = 0) -> np.ndarray:
     """``(N, size, size)`` uint8 images whose class is easy to learn.

@@ -11,17 +11,7 @@ from PIL import Image
 
 from acmix.cli import build_parser, main
 from acmix.data import FASHION_MNIST_CLASSES, INSTALL_FASHION_MNIST, load_fashion_mnist
-from tests.data_util import make_fake_fmnist
-
-TINY = [
-    "model.kwargs={stem_stride: 2, widths: [8, 16, 16, 32], depths: [1, 1, 1, 1]}",
-    "data.batch_size=16",
-    "aug.crop=none",
-    "train.threads=1",
-    "train.progress=false",
-    "train.tensorboard=false",
-    "train.plots=false",
-]
+from tests.data_util import TINY_RUN, make_fake_fmnist
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +21,7 @@ def run_dir(tmp_path_factory) -> Path:
     data = make_fake_fmnist(root / "data", n_train=64, n_test=20)
     out = root / "run"
     argv = ["train", "--config", "fmnist_tiny", "--data-dir", str(data), "-o", str(out)]
-    assert main([*argv, "--epochs", "3", "--lr", "0.1", *TINY]) == 0
+    assert main([*argv, "--epochs", "3", "--lr", "0.1", *TINY_RUN]) == 0
     return out
 
 
@@ -123,12 +113,12 @@ def test_train_errors_are_clear(tmp_path, capsys) -> None:
     data = make_fake_fmnist(tmp_path / "d", n_train=20, n_test=10)
     assert main(["train", "--data-dir", str(data), "optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
-    assert main(["train", "--data-dir", str(tmp_path / "empty"), *TINY]) == 1
+    assert main(["train", "--data-dir", str(tmp_path / "empty"), *TINY_RUN]) == 1
     err = capsys.readouterr().err
     assert INSTALL_FASHION_MNIST in err and "--dataset digits" in err
     assert main(["train", "--config", "no_such_recipe"]) == 1
     assert "recipe not found" in capsys.readouterr().err
-    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "x"), *TINY]
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "x"), *TINY_RUN]
     assert main(argv) == 1
     assert "image-folder root not found" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 1
@@ -137,7 +127,7 @@ def test_train_errors_are_clear(tmp_path, capsys) -> None:
 
 def test_train_on_digits_fallback(tmp_path) -> None:
     pytest.importorskip("sklearn")
-    argv = ["train", "--dataset", "digits", "-o", str(tmp_path / "dg"), "--epochs", "1", *TINY]
+    argv = ["train", "--dataset", "digits", "-o", str(tmp_path / "dg"), "--epochs", "1", *TINY_RUN]
     argv += ["model.kwargs.stem_stride=1", "data.train_subset=64"]
     assert main(argv) == 0
     manifest = json.loads((tmp_path / "dg" / "checkpoints" / "last.json").read_text())

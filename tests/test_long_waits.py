@@ -8,17 +8,7 @@ import torch
 
 from acmix.cli import main
 from acmix.ops import cpp
-from tests.data_util import make_fake_fmnist
-
-TINY = [
-    "model.kwargs={stem_stride: 2, widths: [8, 16, 16, 32], depths: [1, 1, 1, 1]}",
-    "data.batch_size=16",
-    "aug.crop=none",
-    "train.threads=1",
-    "train.progress=false",
-    "train.tensorboard=false",
-    "train.plots=false",
-]
+from tests.data_util import TINY_RUN, make_fake_fmnist
 
 
 def test_a_kernel_build_says_how_long_it_takes_before_it_starts(
@@ -57,6 +47,6 @@ def test_model_compile_is_announced_before_the_first_step(monkeypatch, tmp_path,
     monkeypatch.setattr(torch, "compile", fake_compile)
     data = make_fake_fmnist(tmp_path / "data", n_train=32, n_test=10)
     argv = ["train", "-c", "fmnist_tiny", "--data-dir", str(data), "-o", str(tmp_path / "run")]
-    assert main([*argv, *TINY, "model.compile=true", "train.stop_after_steps=1"]) == 0
+    assert main([*argv, *TINY_RUN, "model.compile=true", "train.stop_after_steps=1"]) == 0
     assert said_before and "model.compile=true: the first training step" in said_before[0]
     assert "1-10 min" in said_before[0]

@@ -11,17 +11,7 @@ from PIL import Image
 from acmix.cli import main
 from acmix.data import DataError, ImageFolder, build_data
 from acmix.engine import AugConfig, DataConfig
-from tests.data_util import make_fake_fmnist
-
-TINY = [
-    "model.kwargs={stem_stride: 2, widths: [8, 16, 16, 32], depths: [1, 1, 1, 1]}",
-    "data.batch_size=16",
-    "aug.crop=none",
-    "train.threads=1",
-    "train.progress=false",
-    "train.tensorboard=false",
-    "train.plots=false",
-]
+from tests.data_util import TINY_RUN, make_fake_fmnist
 
 
 def _gray_folders(root: Path, classes: int = 10, size: int = 28) -> Path:
@@ -56,7 +46,7 @@ def test_folder_reader_follows_the_models_channels(tmp_path) -> None:
 def test_eval_a_grayscale_model_on_a_grayscale_folder(tmp_path, capsys) -> None:
     data = make_fake_fmnist(tmp_path / "fmnist", n_train=32, n_test=10)
     run = tmp_path / "run"
-    argv = ["train", "-c", "fmnist_tiny", "--data-dir", str(data), "-o", str(run), *TINY]
+    argv = ["train", "-c", "fmnist_tiny", "--data-dir", str(data), "-o", str(run), *TINY_RUN]
     assert main([*argv, "train.stop_after_steps=1"]) == 0
     folders = _gray_folders(tmp_path / "gray")
     capsys.readouterr()
