@@ -570,8 +570,8 @@ def safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
     return meta
 
 
-def _read_config(path: Path, entry: Mapping[str, Any]) -> ModelDescription:
-    data = _read_verified(path, entry)
+def _parse_config(data: bytes, path: Path) -> ModelDescription:
+    """The model description in a config JSON file's bytes (errors name ``path``)."""
     try:
         cfg = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -589,11 +589,7 @@ def _config_beside(p: Path) -> ModelDescription | None:
     stem = p.name[: -len(".safetensors")]
     for cand in (p.with_name(stem + FILE_SUFFIXES["config"]), p.parent / "config.json"):
         if cand.is_file() and (cand.name != "config.json" or p.name == "model.safetensors"):
-            try:
-                cfg = json.loads(cand.read_bytes().decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise CheckpointError(f"{cand}: not a model config (invalid JSON: {e})") from None
-            return ModelDescription.from_config(cfg, str(cand))
+            return _parse_config(cand.read_bytes(), cand)
     return None
 
 
@@ -642,7 +638,8 @@ def load_checkpoint(
     w_data = _read_verified(w_path, files["weights"])
     weights = _parse_weights(w_data, w_path)
     if "config" in files:
-        description = _read_config(p.parent / files["config"]["file"], files["config"])
+        c_path = p.parent / files["config"]["file"]
+        description = _parse_config(_read_verified(c_path, files["config"]), c_path)
     else:  # older checkpoints: the manifest's model / data sections
         description = ModelDescription.from_metadata(
             safetensors_metadata(w_data, w_path), str(w_path)
