@@ -59,10 +59,7 @@ def _attention_forward(
         logits[:, p] = (q * window_view(k_pad, p, kernel, stride, (Ho, Wo))).sum(1)
     if bias is not None:
         logits = logits + bias
-    if q.dtype in (torch.float16, torch.bfloat16):
-        attn = torch.softmax(logits, dim=1, dtype=torch.float32).to(q.dtype)
-    else:
-        attn = torch.softmax(logits, dim=1)
+    attn = torch.softmax(logits, dim=1, dtype=acc_dtype(q.dtype)).to(q.dtype)
     out = torch.zeros_like(q)
     for p in range(K2):
         out.addcmul_(attn[:, p : p + 1], window_view(v_pad, p, kernel, stride, (Ho, Wo)))
