@@ -129,7 +129,7 @@ def kernel(name: str) -> ModuleType | None:
             print(
                 f"acmix: building the C++ kernel {name!r} ({build}), once per kernel version "
                 f"and machine; this usually takes 30-90 s (cached in "
-                f"{_get_build_directory(build, False)}) ...",
+                f"{build_dir}) ...",
                 file=sys.stderr,
                 flush=True,
             )
