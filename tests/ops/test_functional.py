@@ -106,6 +106,15 @@ def test_conv_path_layout_against_loops() -> None:
         assert max_abs(out[:, o], expected) < 1e-12
 
 
+def _assert_grads_match(out: torch.Tensor, ref: torch.Tensor, inputs: list) -> None:
+    """Gradients of ``out`` and ``ref`` for one random cotangent agree to 1e-12 of the largest."""
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * g).sum(), inputs)
+    grads = torch.autograd.grad((out * g).sum(), inputs)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert max_abs(a, b) < 1e-12 * b.abs().max().item()
+
+
 def _conv_path_pytorch(qkv, fc_w, fc_b, dep_w, k, c_out, stride):
     """The unfused conv path: einsum fc, then the grouped conv (the fused kernel's truth)."""
     feats = AF.conv_path_features(qkv, fc_w, fc_b)
@@ -138,11 +147,7 @@ def test_fused_conv_path_matches_pytorch_fwd_bwd(case) -> None:
     assert out.shape == ref.shape == (B, c_out, -(-H // stride), -(-W // stride))
     assert max_abs(out, ref) < 1e-12 * ref.abs().max().item()
     inputs = [qkv, fc_w, dep_w] + ([fc_b] if bias else [])
-    g = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad((ref * g).sum(), inputs)
-    grads = torch.autograd.grad((out * g).sum(), inputs)
-    for a, b in zip(grads, grads_ref, strict=True):
-        assert max_abs(a, b) < 1e-12 * b.abs().max().item()
+    _assert_grads_match(out, ref, inputs)
 
 
 def test_fused_conv_path_float32_and_fallbacks() -> None:
@@ -197,11 +202,7 @@ def test_channels_last_kernel_matches_pytorch_fwd_bwd(case) -> None:
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert max_abs(out, ref) < 1e-12 * ref.abs().max().item()
     inputs = [base, fc_w, dep_w] + ([fc_b] if bias else [])
-    g = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad((ref * g).sum(), inputs)
-    grads = torch.autograd.grad((out * g).sum(), inputs)
-    for a, b in zip(grads, grads_ref, strict=True):
-        assert max_abs(a, b) < 1e-12 * b.abs().max().item()
+    _assert_grads_match(out, ref, inputs)
 
 
 @pytest.mark.parametrize("case", CL_CASES[:3])
