@@ -93,6 +93,17 @@ def _context_fn(modules: Sequence[nn.Module]) -> Callable[[], tuple[Any, Any]] |
     return lambda: (contextlib.nullcontext(), _replay(stats))
 
 
+def _run_checkpointed(
+    function: Callable[..., Any], modules: Sequence[nn.Module], *args: Any, **kwargs: Any
+) -> Any:
+    """Non-reentrant ``torch.utils.checkpoint.checkpoint`` replaying ``modules``' norms purely."""
+    context_fn = _context_fn(modules)
+    extra = {"context_fn": context_fn} if context_fn is not None else {}
+    return torch.utils.checkpoint.checkpoint(
+        function, *args, use_reentrant=False, **extra, **kwargs
+    )
+
+
 def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``torch.utils.checkpoint.checkpoint(function, *args)`` whose replay leaves norms alone.
 
@@ -107,11 +118,7 @@ def checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         What ``function`` returns.
     """
     kwargs.pop("use_reentrant", None)
-    context_fn = _context_fn(_modules_of([function]))
-    extra = {"context_fn": context_fn} if context_fn is not None else {}
-    return torch.utils.checkpoint.checkpoint(
-        function, *args, use_reentrant=False, **extra, **kwargs
-    )
+    return _run_checkpointed(function, _modules_of([function]), *args, **kwargs)
 
 
 def checkpoint_seq(
@@ -153,9 +160,7 @@ def checkpoint_seq(
 
     for start in range(0, end, every):
         part = fns[start : min(start + every, end)]
-        context_fn = _context_fn(_modules_of(part))
-        extra = {"context_fn": context_fn} if context_fn is not None else {}
-        x = torch.utils.checkpoint.checkpoint(segment(part), x, use_reentrant=False, **extra)
+        x = _run_checkpointed(segment(part), _modules_of(part), x)
     for f in fns[end:]:
         x = f(x)
     return x
