@@ -152,7 +152,7 @@ def cost_table(
     Args:
         channels: widths ``C`` (``C_in = C_out``).
         sizes: square map sizes ``H``.
-        num_heads: attention num_heads ``N``.
+        num_heads: attention heads ``N``.
         kernel_att: attention window ``k_a``.
         kernel_conv: ACmix conv-path kernel ``k_c``.
         kernel: the plain convolution's kernel ``k``.
