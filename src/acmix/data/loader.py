@@ -211,13 +211,31 @@ class DataBundle:
         persistent = workers > 0 if self.persistent_workers is None else self.persistent_workers
         return bool(pin), bool(persistent and workers > 0)
 
-    def _cached(self, kind: str, key: tuple[Any, ...], make: Any) -> DataLoader:
+    def _loader(
+        self,
+        kind: str,
+        key: tuple[Any, ...],
+        dataset: Dataset,
+        batch_sampler: Any,
+        workers: int | None,
+        device: torch.device | str | None,
+    ) -> DataLoader:
+        workers = auto_workers() if workers is None else workers
+        pin, persistent = self.loader_options(workers, device)
+        key = (*key, workers, pin, persistent)
         # A loader with persistent workers is kept and reused (every epoch asks for
         # one): its workers live as long as this bundle, instead of forking anew.
         hit = self._loaders.get(kind)
         if hit is not None and hit[0] == key:  # the sampler compares by identity
             return hit[1]
-        loader = make()
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=workers,
+            worker_init_fn=_ignore_sigint if workers else None,
+            pin_memory=pin,
+            persistent_workers=persistent,
+        )
         if loader.persistent_workers:
             self._loaders[kind] = (key, loader)
         return loader
@@ -242,20 +260,8 @@ class DataBundle:
         ``set_epoch`` still applies); data order and augmentation do not depend
         on it.
         """
-        workers = auto_workers() if workers is None else workers
-        pin, persistent = self.loader_options(workers, device)
-        return self._cached(
-            "train",
-            (sampler, workers, seed, pin, persistent),
-            lambda: DataLoader(
-                SeededDataset(self.train, seed),
-                batch_sampler=sampler,
-                num_workers=workers,
-                worker_init_fn=_ignore_sigint if workers else None,
-                pin_memory=pin,
-                persistent_workers=persistent,
-            ),
-        )
+        dataset = SeededDataset(self.train, seed)
+        return self._loader("train", (sampler, seed), dataset, sampler, workers, device)
 
     def val_loader(
         self,
@@ -269,20 +275,9 @@ class DataBundle:
 
         ``device``, pinning and persistent workers: as :meth:`train_loader`.
         """
-        workers = auto_workers() if workers is None else workers
-        pin, persistent = self.loader_options(workers, device)
-        return self._cached(
-            "val",
-            (batch_size, rank, world_size, workers, pin, persistent),
-            lambda: DataLoader(
-                SeededDataset(self.val, 0),
-                batch_sampler=EvalBatchSampler(len(self.val), batch_size, rank, world_size),  # type: ignore[arg-type]
-                num_workers=workers,
-                worker_init_fn=_ignore_sigint if workers else None,
-                pin_memory=pin,
-                persistent_workers=persistent,
-            ),
-        )
+        sampler = EvalBatchSampler(len(self.val), batch_size, rank, world_size)
+        key = (batch_size, rank, world_size)
+        return self._loader("val", key, SeededDataset(self.val, 0), sampler, workers, device)
 
 
 def auto_workers(cap: int = 8) -> int:
