@@ -195,11 +195,6 @@ class LRSchedule:
         """Every parameter group's learning rate for the next update."""
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
-    def _shape(self) -> dict[str, Any]:
-        state = self.sched.state_dict()
-        shape = {k: v for k, v in state.items() if k not in _LR_KEYS}
-        return {"name": self.name, "total": self.total, "warmup": self.warmup, **shape}
-
     def state_dict(self) -> dict[str, Any]:
         """Plain values (``torch.load(weights_only=True)`` reads them): the count, timm's state."""
         return {
@@ -219,14 +214,9 @@ class LRSchedule:
         Raises:
             ValueError: the checkpoint's schedule differs (the message names what).
         """
-        mine = self._shape()
+        mine = _schedule_shape(self.state_dict())
         if "timm" in state:
-            theirs = {
-                "name": state.get("name"),
-                "total": state.get("total"),
-                "warmup": state.get("warmup"),
-                **{k: v for k, v in state["timm"].items() if k not in _LR_KEYS},
-            }
+            theirs = _schedule_shape(state)
         else:  # the hand-written warm-up + cosine's state
             theirs = {k: state.get(k) for k in ("total", "warmup")}
             mine = {k: mine[k] for k in theirs}
@@ -242,7 +232,22 @@ class LRSchedule:
                 "to resume"
             )
         if "timm" in state:
-            shape = {k: v for k, v in state["timm"].items() if k not in _LR_KEYS}
-            self.sched.load_state_dict(shape)
+            self.sched.load_state_dict(_timm_shape(state["timm"]))
         self.t = int(state["t"])
         self.sched.step_update(self.t)
+
+
+def _timm_shape(timm_state: dict[str, Any]) -> dict[str, Any]:
+    """timm's scheduler state less what follows the learning rate (``_LR_KEYS``)."""
+    return {k: v for k, v in timm_state.items() if k not in _LR_KEYS}
+
+
+def _schedule_shape(state: dict[str, Any]) -> dict[str, Any]:
+    """What a resume must match in an :meth:`LRSchedule.state_dict` (with timm's state)."""
+    shape = _timm_shape(state["timm"])
+    return {
+        "name": state.get("name"),
+        "total": state.get("total"),
+        "warmup": state.get("warmup"),
+        **shape,
+    }
