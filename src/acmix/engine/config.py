@@ -31,6 +31,7 @@ from acmix.utils.config import (
 from acmix.utils.recipes import find_recipe, recipe_dirs  # noqa: F401 (recipe_dirs: re-exported)
 
 __all__ = [
+    "DIST_BN_MODES",
     "SCHEDULERS",
     "AugConfig",
     "Config",
@@ -83,6 +84,9 @@ class ModelConfig:
             if key in self.kwargs:
                 raise ConfigError(f"model.kwargs.{key} is set from the data; remove it")
 
+
+#: ``train.dist_bn`` values (see :func:`acmix.engine.distributed.sync_norm_stats`).
+DIST_BN_MODES: tuple[str, ...] = ("reduce", "broadcast", "none")
 
 #: ``sched.name`` values: timm's schedulers that step per optimizer update
 #: (``create_scheduler_v2``; ``plateau`` steps per epoch on a metric and is left out).
@@ -307,7 +311,7 @@ class TrainConfig:
         check_config_finite("train", self)
         check_config_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
         check_config_choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        check_config_choice("train.dist_bn", self.dist_bn, ("reduce", "broadcast", "none"))
+        check_config_choice("train.dist_bn", self.dist_bn, DIST_BN_MODES)
         for key in ("epochs", "eval_every", "log_every"):
             check_config_range(f"train.{key}", getattr(self, key), 1)
         check_config_range("train.keep", self.keep, 0)

@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from acmix.engine.config import DIST_BN_MODES
+
 __all__ = [
     "DIST_BN_MODES",
     "DistInfo",
@@ -52,9 +54,6 @@ __all__ = [
     "init_distributed",
     "sync_norm_stats",
 ]
-
-#: The choices of ``train.dist_bn`` (see :func:`sync_norm_stats`).
-DIST_BN_MODES = ("reduce", "broadcast", "none")
 
 #: The buffers :func:`sync_norm_stats` makes equal: BatchNorm's (and any norm layer's
 #: that follows its names) running statistics.
