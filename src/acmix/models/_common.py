@@ -22,6 +22,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from acmix.layers.acmix import is_fx_tracing
+from acmix.models._checkpoint import checkpoint_seq
 
 __all__ = [
     "MIX_WEIGHT_SUFFIXES",
@@ -31,6 +32,7 @@ __all__ = [
     "feature_take_indices",
     "model_cfg",
     "no_decay_names",
+    "stage_intermediates",
 ]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -98,6 +100,45 @@ def drop_path_rates(
         out.append(flat[start : start + depth])
         start += depth
     return out
+
+
+def stage_intermediates(
+    stages: Sequence[nn.Module],
+    x: torch.Tensor,
+    levels: int,
+    indices: int | list[int] | None,
+    *,
+    stop_early: bool,
+    intermediates_only: bool,
+    grad_checkpointing: bool,
+) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+    """The body of ``forward_intermediates`` where each stage is one feature level (ResNet, tiny).
+
+    Args:
+        stages: the NCHW stages, in order.
+        x: the stem's output.
+        levels: number of feature levels (``len(model.feature_info)``).
+        indices: levels to return (timm's ``feature_take_indices``).
+        stop_early: run no stage after the last requested one.
+        intermediates_only: return only the list of stage outputs.
+        grad_checkpointing: checkpoint each stage's blocks (:func:`checkpoint_seq`).
+
+    Returns:
+        The requested stage outputs, or ``(final, outputs)`` with ``final`` the
+        last stage run's output.
+    """
+    take, max_index = feature_take_indices(levels, indices)
+    if stop_early and not torch.jit.is_scripting():
+        stages = stages[: max_index + 1]
+    out: list[torch.Tensor] = []
+    for i, stage in enumerate(stages):
+        if grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(stage, x)
+        else:
+            x = stage(x)
+        if i in take:
+            out.append(x)
+    return out if intermediates_only else (x, out)
 
 
 def model_cfg(

@@ -57,6 +57,7 @@ from acmix.models._common import (
     feature_take_indices,
     model_cfg,
     no_decay_names,
+    stage_intermediates,
 )
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
@@ -407,22 +408,15 @@ class ResNet(nn.Module):
             ``(final, outputs)`` with ``final`` what ``forward_features`` returns.
         """
         check_choice("output_fmt", output_fmt, ("NCHW",))
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
-        stages = self._stages()
-        if stop_early and not torch.jit.is_scripting():
-            stages = stages[: max_index + 1]
-        x = self.forward_stem(x)
-        out: list[torch.Tensor] = []
-        for i, stage in enumerate(stages):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if i in take:
-                out.append(x)
-        if intermediates_only:
-            return out
-        return x, out
+        return stage_intermediates(
+            self._stages(),
+            self.forward_stem(x),
+            len(self.feature_info),
+            indices,
+            stop_early=stop_early,
+            intermediates_only=intermediates_only,
+            grad_checkpointing=self.grad_checkpointing,
+        )
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True

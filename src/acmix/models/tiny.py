@@ -44,6 +44,7 @@ from acmix.models._common import (
     feature_take_indices,
     model_cfg,
     no_decay_names,
+    stage_intermediates,
 )
 from acmix.models._stats import ModelStats, TestConfig, register_stats, register_test_config
 from acmix.utils.checks import check_choice, check_positive_int
@@ -373,20 +374,15 @@ class TinyNet(nn.Module):
             ``forward_features`` returns.
         """
         check_choice("output_fmt", output_fmt, ("NCHW",))
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
-        stages = list(self.stages)
-        if stop_early and not torch.jit.is_scripting():
-            stages = stages[: max_index + 1]
-        x = self.stem(x)
-        out: list[torch.Tensor] = []
-        for i, stage in enumerate(stages):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if i in take:
-                out.append(x)
-        return out if intermediates_only else (x, out)
+        return stage_intermediates(
+            list(self.stages),
+            self.stem(x),
+            len(self.feature_info),
+            indices,
+            stop_early=stop_early,
+            intermediates_only=intermediates_only,
+            grad_checkpointing=self.grad_checkpointing,
+        )
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
