@@ -34,6 +34,7 @@ from timm.data.readers.reader_image_folder import find_images_and_targets
 from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 from torch.utils.data import Dataset
 
+from acmix.data.config import IMG_MODES
 from acmix.data.idx import read_idx
 
 __all__ = [
@@ -389,7 +390,7 @@ class ImageFolder(Dataset):
     ) -> None:
         if bad_images not in ("skip", "error"):
             raise ValueError(f"bad_images must be 'skip' or 'error', got {bad_images!r}")
-        if mode not in ("RGB", "L"):
+        if mode not in IMG_MODES:
             raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
         self.mode = mode
         self.root = Path(root)
