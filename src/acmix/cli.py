@@ -225,7 +225,7 @@ def convert(args: argparse.Namespace) -> int:
             tensors = convert_checkpoint(ck.path, weights_dst, args.model, **kwargs)
             loaded = load_model(None, args.model, kwargs)  # describes it: timm's defaults
         else:
-            loaded = load_model(ck.path, args.model, kwargs, ema=args.ema)  # checks the fit
+            loaded = load_model(ck, args.model, kwargs, ema=args.ema)  # checks the fit
             _say_found("convert", loaded)
             tensors = ck.ema if args.ema and not ck.weights_are_ema else ck.weights
         step = ck.manifest.get("step")
@@ -906,9 +906,9 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         return 2
     loaded = None
     try:
-        ck = load_checkpoint(args.checkpoint, weights_only=True)
+        ck = load_checkpoint(args.checkpoint, weights_only=True, ema=args.ema)
         if args.model or args.ema or (args.images and ck.description is not None):
-            loaded = load_model(ck.path, args.model, kwargs, ema=args.ema)
+            loaded = load_model(ck, args.model, kwargs, ema=args.ema)
             _say_found("inspect", loaded)
             sd = loaded.model.state_dict()
         else:

@@ -15,7 +15,7 @@ from torch import nn
 
 from acmix.data import AugConfig, DataBundle, DataConfig
 from acmix.data.transforms import build_eval_transform
-from acmix.engine.checkpoint import CheckpointError, load_checkpoint
+from acmix.engine.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from acmix.engine.description import ModelDescription
 from acmix.utils.checks import record_masked_maps
 
@@ -60,7 +60,7 @@ class LoadedModel:
 
 
 def load_model(
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
     model_name: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     ema: bool = False,
@@ -75,7 +75,9 @@ def load_model(
 
     Args:
         checkpoint: anything :func:`acmix.engine.checkpoint.resolve_checkpoint`
-            accepts; ``None``: ``model_name`` with its initial weights.
+            accepts, or a :class:`~acmix.engine.checkpoint.Checkpoint` loaded
+            already (with the same ``ema``; its files are not read again);
+            ``None``: ``model_name`` with its initial weights.
         model_name: timm name; must match the checkpoint's architecture when it has one.
         model_kwargs: ``create_model`` kwargs (``num_classes``, ``in_chans``,
             ``mixer``, ...) over the checkpoint's.
@@ -92,7 +94,10 @@ def load_model(
     desc: ModelDescription | None = None
     found = ""
     if checkpoint is not None:
-        ck = load_checkpoint(checkpoint, weights_only=True, ema=ema)
+        if isinstance(checkpoint, Checkpoint):
+            ck = checkpoint
+        else:
+            ck = load_checkpoint(checkpoint, weights_only=True, ema=ema)
         manifest, weights, desc = ck.manifest, ck.weights, ck.description
         found = ck.summary()
         if ema and not ck.weights_are_ema:
