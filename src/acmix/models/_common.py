@@ -103,6 +103,7 @@ def drop_path_rates(
 
 
 def stage_intermediates(
+    stem: Callable[[torch.Tensor], torch.Tensor],
     stages: Sequence[nn.Module],
     x: torch.Tensor,
     levels: int,
@@ -115,8 +116,9 @@ def stage_intermediates(
     """The body of ``forward_intermediates`` where each stage is one feature level (ResNet, tiny).
 
     Args:
+        stem: the layers before the first stage (run after ``indices`` is checked).
         stages: the NCHW stages, in order.
-        x: the stem's output.
+        x: the model's input.
         levels: number of feature levels (``len(model.feature_info)``).
         indices: levels to return (timm's ``feature_take_indices``).
         stop_early: run no stage after the last requested one.
@@ -130,6 +132,7 @@ def stage_intermediates(
     take, max_index = feature_take_indices(levels, indices)
     if stop_early and not torch.jit.is_scripting():
         stages = stages[: max_index + 1]
+    x = stem(x)
     out: list[torch.Tensor] = []
     for i, stage in enumerate(stages):
         if grad_checkpointing and not torch.jit.is_scripting():

@@ -409,8 +409,9 @@ class ResNet(nn.Module):
         """
         check_choice("output_fmt", output_fmt, ("NCHW",))
         return stage_intermediates(
+            self.forward_stem,
             self._stages(),
-            self.forward_stem(x),
+            x,
             len(self.feature_info),
             indices,
             stop_early=stop_early,

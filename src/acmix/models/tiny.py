@@ -375,8 +375,9 @@ class TinyNet(nn.Module):
         """
         check_choice("output_fmt", output_fmt, ("NCHW",))
         return stage_intermediates(
+            self.stem,
             list(self.stages),
-            self.stem(x),
+            x,
             len(self.feature_info),
             indices,
             stop_early=stop_early,
