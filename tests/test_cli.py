@@ -248,3 +248,34 @@ def test_bad_checkpoints_are_one_clear_line(run_dir, tmp_path, capsys) -> None:
     assert "does not say which architecture it holds; pass --model NAME" in err()
     assert main(["export", "--checkpoint", str(plain), "-o", str(tmp_path / "m.onnx")]) == 1
     assert "pass --model NAME" in err()
+
+
+def test_convert_and_inspect_take_the_ema_weights(tmp_path, capsys) -> None:
+    """`--ema` reads the run's EMA file: convert writes exactly it, inspect tabulates it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from acmix.analysis.inspect import format_rates, rates_from_state_dict
+    from acmix.engine import load_checkpoint
+
+    data = make_fake_fmnist(tmp_path / "data", n_train=32, n_test=8)
+    out = tmp_path / "run"
+    argv = ["train", "--config", "fmnist_tiny", "--data-dir", str(data), "-o", str(out)]
+    assert main([*argv, "--epochs", "1", "--lr", "0.1", *TINY_RUN, "train.ema_decay=0.5"]) == 0
+    capsys.readouterr()
+    ck = load_checkpoint(out, weights_only=True, ema=True)
+    assert ck.ema is not None
+    assert any(not torch.equal(ck.ema[k], ck.weights[k]) for k in ck.weights)
+
+    dst = tmp_path / "ema.safetensors"
+    assert main(["convert", str(out), str(dst), "--ema"]) == 0
+    got = load_file(str(dst))
+    assert got.keys() == ck.ema.keys()
+    assert all(torch.equal(got[k], ck.ema[k]) for k in got)
+    capsys.readouterr()
+
+    assert main(["inspect", str(out), "--ema"]) == 0
+    res = capsys.readouterr()
+    assert "EMA weights" in res.err
+    assert format_rates(rates_from_state_dict(ck.ema)) in res.out
+    assert format_rates(rates_from_state_dict(ck.weights)) not in res.out  # not the model's
